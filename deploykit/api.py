@@ -1,0 +1,274 @@
+"""The one entry point: ``compress(checkpoint, recipe) -> CompressResult``.
+
+The CLI, the tests and the benchmarks all call this. It loads the checkpoint, resolves data and
+preprocessing, runs the recipe's stages in order inside an atomically-written artifact directory,
+evaluates original vs compressed, and writes recipe.yaml, preprocessing.json, report.json/.md and
+manifest.json.
+
+Example:
+    >>> res = compress("models/resnet10t_fmnist.pth", "int8-ptq", data="fashion-mnist")
+    >>> res.report["fidelity"]["top1_agreement"]
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifact import (FINAL_MODEL, FLOAT_MODEL, MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD,
+                       ArtifactWriter, sha256_file, write_json)
+from .recipe import Recipe, load_recipe
+from .report import REPORT_SCHEMA, render_markdown
+
+
+@dataclass
+class CompressResult:
+    path: Path
+    report: dict
+    manifest: dict
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    return Path(f"{Path(checkpoint).stem}.deploykit")
+
+
+def _console(console):
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    return console
+
+
+def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *, out: str | Path | None = None,
+             overwrite: bool = False, console=None, **overrides: Any) -> CompressResult:
+    """Run ``recipe`` on ``checkpoint``; keyword overrides are dotted recipe keys with '.' spelled '__'.
+
+    Example: ``compress(ckpt, "int8-ptq", data__name="fashion-mnist", stages__quantize_onnx__method="entropy")``
+    """
+    import torch
+
+    from .checkpoint import load_checkpoint, resolve_preprocessing
+    from .data import check_fits, resolve_data
+    from .stages import STAGES, PipelineState
+
+    console = _console(console)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if overrides:
+        recipe = recipe.with_overrides({k.replace("__", "."): v for k, v in overrides.items()})
+    threads = recipe.eval.threads
+    if threads:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+
+    mc = recipe.model
+    loaded = load_checkpoint(checkpoint, arch=mc.arch, num_classes=mc.num_classes, in_chans=mc.in_chans,
+                             trust_pickle=mc.trust_pickle)
+    for note in loaded.notes:
+        console.print(f"[dim]checkpoint:[/] {note}")
+    data = resolve_data(recipe.data)
+    if data is not None:
+        check_fits(data, loaded.num_classes)
+        if not mc.class_names and not loaded.class_names:
+            mc = mc.model_copy(update={"class_names": data.class_names})
+    pre = resolve_preprocessing(loaded, mc)
+    console.print(f"[bold]{loaded.arch}[/] ({loaded.weights}), {loaded.num_classes} classes, input "
+                  f"{'x'.join(map(str, pre.input_size))}, data: {data.name if data else 'none (data-free)'}")
+
+    out = Path(out) if out else default_output(checkpoint)
+    notes: list[str] = []
+    with ArtifactWriter(out, overwrite=overwrite) as workdir:
+        teacher = loaded.model.eval()
+        state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
+                              data=data, target=recipe.target, log=console.print)
+        _attach_inputs(state, recipe, console, notes)
+
+        lineage = []
+        for spec in recipe.stages:
+            stage = STAGES.get(spec.name)(spec.config)
+            with console.status(f"stage {spec.name}..."):
+                t0 = time.perf_counter()
+                facts = stage.run(state)
+                seconds = time.perf_counter() - t0
+            console.print(f"[green]done[/] {spec.name} in {seconds:.1f}s")
+            state.facts[spec.name] = facts
+            lineage.append({"name": spec.name, "config": spec.config.model_dump(mode="json"),
+                            "seconds": round(seconds, 3), "facts": facts})
+
+        final = _finalize_model(state)
+        pre.save(workdir / PREPROCESSING)
+        (workdir / RECIPE_YAML).write_text(recipe.to_yaml())
+        report = _evaluate(state, recipe, final, console, notes) if recipe.eval.enabled else {"models": {}}
+        report.update({
+            "schema": REPORT_SCHEMA,
+            "checkpoint": Path(checkpoint).name,
+            "recipe": recipe.name,
+            "target": recipe.target,
+            "data": {"name": data.name if data else None, "real": data is not None,
+                     "calibration_images": int(len(state.calibration_inputs())) if "calibration" in state._cache else 0,
+                     "eval_images": int(len(data.eval)) if data else 0},
+            "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in lineage],
+            "stage_facts": {s["name"]: s["facts"] for s in lineage},
+            "notes": notes,
+            "total_seconds": round(time.perf_counter() - t_start, 2),
+        })
+        write_json(workdir / REPORT_JSON, report)
+        (workdir / REPORT_MD).write_text(render_markdown(report))
+        manifest = _manifest(checkpoint, loaded, state, final, lineage, workdir)
+        write_json(workdir / MANIFEST, manifest)
+    console.print(f"[bold green]wrote[/] {out}/ in {report['total_seconds']:.1f}s")
+    return CompressResult(path=out, report=report, manifest=manifest)
+
+
+def _attach_inputs(state, recipe: Recipe, console, notes: list[str]) -> None:
+    """Calibration and parity-check inputs, built only when a stage first asks for them."""
+    d, pre = recipe.data, state.preprocessing
+    if state.data is not None:
+        data = state.data
+        state.calibration_fn = lambda: data.calibration.load(pre, np.arange(len(data.calibration)))
+        check = data.eval.head(d.check_images, seed=d.seed + 1)
+        state.check_fn = lambda: check.load(pre, np.arange(len(check)))
+        return
+    from .data.synthetic import synthesize_from_bn
+
+    notes.append("No --data given: calibrated on inputs synthesized from the model's BatchNorm statistics "
+                 "(data-free, ZeroQ-style). Accuracy was NOT measured; fidelity is measured on held-out "
+                 "synthetic inputs. Pass --data for real numbers.")
+    console.print(f"[yellow]warning:[/] {notes[-1]}")
+
+    def synth(n: int, seed: int) -> np.ndarray:
+        with console.status(f"synthesizing {n} data-free inputs from BatchNorm statistics..."):
+            return synthesize_from_bn(state.teacher, pre.input_size, n=n, steps=d.synthetic_steps, seed=seed)
+
+    state.calibration_fn = lambda: synth(d.synthetic_images, d.seed)
+    state.check_fn = lambda: synth(min(32, d.check_images), d.seed + 1)
+
+
+def _finalize_model(state) -> Path:
+    """Name the final model ``model.onnx`` (a hard link when it is the float export itself)."""
+    final = state.workdir / FINAL_MODEL
+    if state.onnx_path is None:
+        raise RuntimeError("recipe produced no ONNX model: it needs an export_onnx stage")
+    if state.onnx_path.name == FLOAT_MODEL:
+        try:
+            os.link(state.onnx_path, final)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(state.onnx_path, final)
+    else:
+        os.replace(state.onnx_path, final)
+    state.onnx_path = final
+    return final
+
+
+def _size_mb(obj) -> float:
+    if isinstance(obj, Path):
+        return round(obj.stat().st_size / 2**20, 3)
+    return round(sum(t.numel() * t.element_size() for t in obj.state_dict().values()) / 2**20, 3)
+
+
+def _evaluate(state, recipe: Recipe, final: Path, console, notes: list[str]) -> dict:
+    from .backends import create_backend
+    from .environment import machine_line
+    from .evaluate import classification_metrics, fidelity, predict
+    from .timing import measure_interleaved
+
+    ev, pre = recipe.eval, state.preprocessing
+    variants = {"original": (create_backend("torch", state.teacher, threads=ev.threads), state.teacher)}
+    if state.onnx_fp32_path is not None and state.onnx_fp32_path.exists() and state.precision != "fp32":
+        variants["onnx_fp32"] = (create_backend("onnxruntime", state.onnx_fp32_path, threads=ev.threads),
+                                 state.onnx_fp32_path)
+    settings = {k: v for k, v in state.runtime.get("settings", {}).items() if k != "precision"}
+    variants["compressed"] = (create_backend(state.runtime["backend"], final, threads=ev.threads,
+                                             precision=state.precision, **settings), final)
+
+    models: dict[str, dict] = {}
+    logits: dict[str, np.ndarray] = {}
+    for key, (backend, obj) in variants.items():
+        models[key] = {"backend": backend.name, "precision": backend.precision, "size_mb": _size_mb(obj),
+                       "runtime": backend.info()}
+        if state.data is not None:
+            with console.status(f"evaluating {key} on {len(state.data.eval)} images..."):
+                logits[key] = predict(backend, state.data.eval, pre, recipe.data.batch_size)
+            models[key].update(classification_metrics(logits[key], state.data.eval.labels, len(pre.class_names)))
+        else:
+            logits[key] = backend.run(state.check_inputs())
+            models[key].update({"top1": None, "top5": None, "macro_f1": None, "per_class_f1": None})
+
+    fid = fidelity(logits["original"], logits["compressed"])
+    fid["inputs"] = int(len(logits["original"]))
+    fid["inputs_kind"] = "evaluation images" if state.data is not None else "held-out synthetic inputs"
+
+    sample = state.check_inputs()
+    for bs in ev.latency_batch_sizes:
+        x = np.resize(sample, (bs, *sample.shape[1:])).astype(np.float32)
+        with console.status(f"timing batch {bs}..."):
+            stats = measure_interleaved({k: b.run for k, (b, _) in variants.items()}, x, warmup=ev.warmup_runs,
+                                        runs=ev.latency_runs, time_budget_s=ev.latency_budget_s)
+        for key, s in stats.items():
+            lat = models[key].setdefault("latency_ms", {})
+            lat.update({f"bs{bs}_p50": s.p50, f"bs{bs}_p90": s.p90, f"bs{bs}_p99": s.p99})
+            models[key].setdefault("throughput_ips", {})[f"bs{bs}"] = round(s.throughput, 1)
+            models[key].setdefault("latency_runs", {})[f"bs{bs}"] = s.runs
+
+    report: dict[str, Any] = {"models": models, "fidelity": fid, "latency_batch_sizes": ev.latency_batch_sizes,
+                              "environment": {"machine": machine_line(), "threads": variants["original"][0].threads}}
+    _speed_notes(models, ev.latency_batch_sizes, state.precision, notes)
+    if state.data is not None:
+        report["per_class"] = _per_class(models, pre.class_names)
+        drop = models["original"]["top1"] - models["compressed"]["top1"]
+        notes.append(f"top-1 {models['original']['top1']:.2f}% -> {models['compressed']['top1']:.2f}% "
+                     f"({-drop:+.2f} points) on {len(state.data.eval)} evaluation images")
+    return report
+
+
+def _speed_notes(models: dict, batch_sizes: list[int], precision: str, notes: list[str]) -> None:
+    """Say plainly when compression did not pay on this machine."""
+    ref_key = "onnx_fp32" if "onnx_fp32" in models else "original"
+    for bs in batch_sizes:
+        c = models["compressed"]["latency_ms"][f"bs{bs}_p50"]
+        for key in dict.fromkeys(("original", ref_key)):
+            r = models[key]["latency_ms"][f"bs{bs}_p50"]
+            speedup = r / c if c > 0 else float("inf")
+            models["compressed"].setdefault("speedup", {})[f"vs_{key}_bs{bs}"] = round(speedup, 3)
+        r = models[ref_key]["latency_ms"][f"bs{bs}_p50"]
+        if precision != "fp32" and c >= 0.95 * r:
+            notes.append(f"{precision.upper()} is NOT faster than its FP32 counterpart ({ref_key}) at batch {bs} "
+                         f"on this machine: {c:.2f} ms vs {r:.2f} ms. Consider another runtime or precision.")
+
+
+def _per_class(models: dict, class_names: list[str]) -> list[dict]:
+    o, c = models["original"], models["compressed"]
+    rows = [{"class": name, "support": o["support"][i], "f1_original": o["per_class_f1"][i],
+             "f1_compressed": c["per_class_f1"][i], "f1_change": round(c["per_class_f1"][i] - o["per_class_f1"][i], 3),
+             "recall_original": o["per_class_recall"][i], "recall_compressed": c["per_class_recall"][i]}
+            for i, name in enumerate(class_names)]
+    return sorted(rows, key=lambda r: r["f1_change"])
+
+
+def _manifest(checkpoint, loaded, state, final: Path, lineage: list, workdir: Path) -> dict:
+    from . import __version__
+    from .environment import machine, versions
+
+    files = {p.name: sha256_file(p) for p in sorted(workdir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {
+        "schema": 1,
+        "deploykit": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch,
+                   "weights": loaded.weights, "num_classes": loaded.num_classes},
+        "runtime": {"backend": state.runtime["backend"], "model": final.name, "precision": state.precision,
+                    "settings": state.runtime.get("settings", {}), "target": state.target},
+        "files": files,
+        "lineage": [{k: s[k] for k in ("name", "config", "seconds")} for s in lineage],
+        "versions": versions(),
+        "machine": machine(),
+    }

@@ -1,0 +1,152 @@
+"""The artifact directory: written atomically, described by manifest.json, read by bench and serving.
+
+Layout::
+
+    ckpt.deploykit/
+      model.onnx            the final model (what the default runtime runs)
+      model.fp32.onnx       the float export every compressed model was checked against
+      preprocessing.json    input size, mean/std, interpolation, class names
+      recipe.yaml           the resolved recipe that produced this directory
+      report.json/.md       accuracy, fidelity, latency, sizes
+      manifest.json         versions, sha256 of inputs and outputs, stage lineage, runtime to use
+
+Example:
+    >>> art = Artifact.open("ckpt.deploykit")
+    >>> art.backend().run(x)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+MANIFEST, PREPROCESSING, REPORT_JSON, REPORT_MD, RECIPE_YAML = (
+    "manifest.json", "preprocessing.json", "report.json", "report.md", "recipe.yaml")
+FINAL_MODEL, FLOAT_MODEL = "model.onnx", "model.fp32.onnx"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON via a temp file + rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, (Path,)):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+class ArtifactWriter:
+    """Build an artifact in a hidden sibling directory; move it into place only when complete.
+
+    On any error the half-built directory is deleted and an existing artifact is left untouched.
+    With ``overwrite`` the old directory is swapped out only after the new one is complete.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False):
+        self.out = Path(out).absolute()
+        self.overwrite = overwrite
+        self.workdir: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise ArtifactError(f"output directory {self.out} already exists",
+                                fix="pass --overwrite to replace it, or --out to write elsewhere")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.workdir
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return False
+        os.chmod(self.workdir, 0o755)  # mkdtemp makes it 0700
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.workdir, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.workdir, self.out)
+        return False
+
+
+@dataclass
+class Artifact:
+    """A finished artifact directory, opened for reading."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Artifact":
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise ArtifactError(f"{path} is not a deploykit artifact (no {MANIFEST})",
+                                fix="pass the directory written by `deploykit compress`")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{mf} is corrupt ({err})", fix="re-run `deploykit compress`") from None
+        for name in manifest.get("files", {}):
+            if not (path / name).is_file():
+                raise ArtifactError(f"artifact {path} is incomplete: {name} is missing",
+                                    fix="re-run `deploykit compress`")
+        return cls(path=path, manifest=manifest)
+
+    @property
+    def preprocessing(self):
+        from .preprocessing import Preprocessing
+
+        return Preprocessing.load(self.path / PREPROCESSING)
+
+    @property
+    def runtime(self) -> dict:
+        return self.manifest["runtime"]
+
+    @property
+    def report(self) -> dict:
+        p = self.path / REPORT_JSON
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def model_path(self, name: str | None = None) -> Path:
+        return self.path / (name or self.runtime["model"])
+
+    def backend(self, name: str | None = None, threads: int | None = None, **settings: Any):
+        """The artifact's model on its recorded runtime, or on ``name`` (e.g. env DEPLOYKIT_BACKEND)."""
+        from .backends import create_backend
+
+        rt = self.runtime
+        name = name or os.environ.get("DEPLOYKIT_BACKEND") or rt["backend"]
+        merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **settings}
+        merged.setdefault("precision", rt.get("precision", "fp32"))
+        return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
+
+    def verify(self) -> list[str]:
+        """Names of files whose sha256 no longer matches the manifest (empty list = intact)."""
+        return [n for n, h in self.manifest.get("files", {}).items() if sha256_file(self.path / n) != h]

@@ -1,0 +1,54 @@
+"""ONNX Runtime backend (CPU here; CUDA/TensorRT execution providers when onnxruntime-gpu and a GPU exist)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import BACKENDS, Backend, physical_cores
+
+# Preference order on a GPU machine; each is used only if the installed onnxruntime offers it.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+@BACKENDS.register("onnxruntime")
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model: str | Path, threads: int | None = None, precision: str = "fp32",
+                 providers: list[str] | None = None, device: str = "cpu"):
+        import onnxruntime as ort
+
+        super().__init__(precision)
+        self.path = Path(model)
+        self.threads = threads or physical_cores()
+        opts = ort.SessionOptions()
+        # intra-op threads = physical cores; inter-op 1: a CNN graph is a chain, and more threads
+        # than cores only adds contention (and oversubscribes when the server runs workers too).
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if providers is None:
+            have = available_providers()
+            providers = [p for p in GPU_PROVIDERS if p in have] if device != "cpu" else []
+            providers.append("CPUExecutionProvider")
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "version": self.version, "threads": self.threads,
+                "providers": self.session.get_providers(), "model": self.path.name}

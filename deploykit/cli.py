@@ -1,0 +1,130 @@
+"""The `deploykit` command. It only turns flags into a recipe and calls the library (deploykit.api).
+
+Example:
+    $ deploykit compress models/resnet10t_fmnist.pth --int8 --data fashion-mnist
+    $ deploykit compress ckpt.pth --recipe recipes/int8-ptq.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import DeployKitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress, verify, benchmark and serve image classifiers.")
+
+
+class Target(str, Enum):
+    cpu = "cpu"
+    tensorrt = "tensorrt"
+    cuda = "cuda"
+
+
+class CalibMethod(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+def fail(err: Exception, code: int = 2) -> None:
+    """One line on stderr, non-zero exit: the contract for every user error."""
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code)
+
+
+def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp32: bool) -> str:
+    chosen = [name for flag, name in ((int8, "int8-ptq"), (fp16, "fp16"), (bf16, "bf16"), (fp32, "fp32")) if flag]
+    if len(chosen) > 1 or (chosen and recipe):
+        raise DeployKitError(f"choose one of --recipe/--int8/--fp16/--bf16/--fp32 (got {len(chosen) + bool(recipe)})",
+                             fix="drop the extra flags; a --recipe file already says its precision")
+    return recipe or (chosen[0] if chosen else "int8-ptq")
+
+
+@app.command()
+def compress(
+    checkpoint: Path = typer.Argument(..., help="timm train.py checkpoint, state_dict .pth, or .safetensors"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe name or YAML path"),
+    int8: bool = typer.Option(False, "--int8", help="preset: recipes/int8-ptq.yaml (the default)"),
+    fp16: bool = typer.Option(False, "--fp16", help="preset: recipes/fp16.yaml (GPU targets)"),
+    bf16: bool = typer.Option(False, "--bf16", help="preset: recipes/bf16.yaml (CPU, OpenVINO)"),
+    fp32: bool = typer.Option(False, "--fp32", help="preset: recipes/fp32.yaml (export only)"),
+    target: Optional[Target] = typer.Option(None, help="deployment target"),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist | fashion-mnist-lt | ImageFolder dir; none = data-free"),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, when the checkpoint does not say"),
+    num_classes: Optional[int] = typer.Option(None, help="classifier outputs, when the checkpoint does not say"),
+    in_chans: Optional[int] = typer.Option(None, help="input channels, when the checkpoint does not say"),
+    input_size: Optional[int] = typer.Option(None, help="square input side in pixels"),
+    calibration_images: Optional[int] = typer.Option(None, help="number of calibration images"),
+    calibration_method: Optional[CalibMethod] = typer.Option(None, help="INT8 range calibration"),
+    eval_images: Optional[int] = typer.Option(None, help="evaluate on this many images (default: whole split)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory (default <ckpt-stem>.deploykit)"),
+    overwrite: bool = typer.Option(False, help="replace an existing artifact directory (only once the new one is complete)"),
+    trust_pickle: bool = typer.Option(False, help="allow unpickling arbitrary objects: only for files you trust"),
+    no_eval: bool = typer.Option(False, "--no-eval", help="skip accuracy and latency evaluation"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop"),
+) -> None:
+    """Fuse Conv-BN, export ONNX, quantize, verify and evaluate: one artifact directory."""
+    from .recipe import load_recipe
+
+    try:
+        r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32)).with_overrides({
+            "target": target.value if target else None,
+            "data.name": data,
+            "data.calibration_images": calibration_images,
+            "data.eval_images": eval_images,
+            "model.arch": arch,
+            "model.num_classes": num_classes,
+            "model.in_chans": in_chans,
+            "model.input_size": input_size,
+            "model.trust_pickle": trust_pickle or None,
+            "eval.enabled": False if no_eval else None,
+            "eval.threads": threads,
+            "stages.quantize_onnx.method": calibration_method.value if calibration_method else None,
+        })
+        if dry_run:
+            typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)
+            return
+        from .api import compress as run_compress
+        from .report import print_summary
+
+        res = run_compress(checkpoint, r, out=out, overwrite=overwrite)
+        if res.report.get("models"):
+            print_summary(res.report)
+    except DeployKitError as err:
+        fail(err)
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the built-in recipes."""
+    from .recipe import list_recipes, load_recipe
+
+    for name in list_recipes():
+        typer.echo(f"{name:16s} {load_recipe(name).description}")
+
+
+@app.command()
+def version() -> None:
+    """Print deploykit's version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except DeployKitError as err:  # errors raised outside a command body
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Preprocessing that travels with the model: the artifact stores it, evaluation and serving apply it.
+
+Numpy + Pillow only, so the serving image needs no torch.
+
+Example:
+    >>> p = Preprocessing(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,))
+    >>> p.from_uint8(np.zeros((2, 28, 28), np.uint8)).shape
+    (2, 1, 28, 28)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+class Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_size: tuple[int, int, int] = Field(description="(channels, height, width)")
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    crop_pct: float = Field(1.0, gt=0, le=1.0)
+    class_names: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preprocessing":
+        c = self.input_size[0]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean/std need {c} values for {c} input channels, got {len(self.mean)}/{len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.input_size[1], self.input_size[2]
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """float32 NCHW in [0, 1] -> normalized float32 NCHW."""
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        return ((x - mean) / std).astype(np.float32, copy=False)
+
+    def from_uint8(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N,H,W) or (N,H,W,C) already at any size -> model input NCHW float32.
+
+        Images not at the model's size go through the same PIL resize/crop as files do.
+        """
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.shape[1:3] != self.size:
+            from PIL import Image
+
+            mode = "L" if images.shape[-1] == 1 else "RGB"
+            images = np.stack([self._pil_to_hwc(Image.fromarray(im.squeeze(-1) if mode == "L" else im, mode))
+                               for im in images])
+        x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        x = self._match_channels(x)
+        return self.normalize(x)
+
+    def from_pil(self, image) -> np.ndarray:
+        """One PIL image of any mode -> model input (1,C,H,W). Handles L/LA/P/RGBA/CMYK/I;16."""
+        hwc = self._pil_to_hwc(to_model_mode(image, self.channels))
+        x = hwc.astype(np.float32).transpose(2, 0, 1)[None] / 255.0
+        return self.normalize(self._match_channels(x))
+
+    def _pil_to_hwc(self, image) -> np.ndarray:
+        """Resize the shorter side to size/crop_pct, then centre-crop to the model's size (timm eval)."""
+        h, w = self.size
+        scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        iw, ih = image.size
+        if (iw, ih) != (w, h):
+            ratio = max(scale_h / ih, scale_w / iw)
+            nw, nh = max(w, round(iw * ratio)), max(h, round(ih * ratio))
+            image = image.resize((nw, nh), _PIL_FILTERS[self.interpolation])
+            left, top = (nw - w) // 2, (nh - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        arr = np.asarray(image, dtype=np.uint8)
+        return arr[..., None] if arr.ndim == 2 else arr
+
+    def _match_channels(self, x: np.ndarray) -> np.ndarray:
+        c = x.shape[1]
+        if c == self.channels:
+            return x
+        if c == 1:
+            return np.repeat(x, self.channels, axis=1)
+        if self.channels == 1:  # ITU-R 601-2 luma, the same weights PIL's convert("L") uses
+            return (x[:, :1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114).astype(np.float32)
+        raise ValueError(f"cannot map {c} image channels to {self.channels} model channels")
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "Preprocessing":
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+def to_model_mode(image, channels: int):
+    """Convert any PIL mode (P, LA, RGBA, CMYK, I;16, I, F, 1) to 'L' or 'RGB' correctly.
+
+    Alpha is composited on white (what a viewer shows), 16-bit is scaled rather than clipped.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L" if channels == 1 else "RGB")

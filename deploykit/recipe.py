@@ -1,0 +1,201 @@
+"""Recipes: YAML data that lists the pipeline's stages, each with a typed, versioned config.
+
+A recipe file looks like::
+
+    version: 1
+    name: int8-ptq
+    target: cpu
+    data: {calibration_images: 512}
+    stages:
+      - fuse_bn
+      - export_onnx: {opset: 17}
+      - quantize_onnx: {method: minmax, per_channel: true}
+
+Stage entries are a bare name or a one-key mapping ``name: {config}``; each config is validated
+against the stage's own pydantic model (unknown fields are errors). CLI flags are presets: they
+pick a recipe file and override fields with dotted keys (``stages.quantize_onnx.method``).
+
+Example:
+    >>> r = load_recipe("int8-ptq")
+    >>> r.stage_names()
+    ['fuse_bn', 'export_onnx', 'quantize_onnx']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from .errors import RecipeError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+RECIPE_VERSION = 1
+
+
+class StageConfig(BaseModel):
+    """Base for every stage's config; ``version`` lets a stage migrate old recipes."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+
+
+class ModelConfig(BaseModel):
+    """What the checkpoint does not say (or what the user wants to override)."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: str | None = None
+    num_classes: int | None = Field(None, ge=1)
+    in_chans: int | None = Field(None, ge=1)
+    input_size: int | None = Field(None, ge=8, description="square input side in pixels")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    class_names: list[str] | None = None
+    trust_pickle: bool = False
+
+
+class DataConfig(BaseModel):
+    """Where images come from. ``name`` None means data-free (synthetic calibration)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="'fashion-mnist', 'fashion-mnist-lt', or an ImageFolder path")
+    calibration_images: int = Field(512, ge=1)
+    eval_images: int | None = Field(None, ge=1, description="None = the whole evaluation split")
+    batch_size: int = Field(64, ge=1)
+    check_images: int = Field(256, ge=8, description="held-out images for every stage's parity check")
+    synthetic_images: int = Field(64, ge=1, description="data-free: BN-matched inputs synthesized for calibration")
+    synthetic_steps: int = Field(30, ge=0, description="data-free: optimisation steps per synthetic batch")
+    seed: int = 0
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    latency_runs: int = Field(30, ge=3, description="timed runs per batch size (after warm-up)")
+    warmup_runs: int = Field(5, ge=0)
+    latency_budget_s: float = Field(20.0, gt=0, description="time cap per batch size (at least 3 rounds)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads; None = physical cores")
+
+
+class StageSpec(BaseModel):
+    """One pipeline step: a registered stage name and its validated config."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    config: SerializeAsAny[StageConfig]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, value: Any) -> Any:
+        from .stages import STAGES  # registry; stage modules are light to import
+
+        if isinstance(value, StageSpec):
+            return value
+        if isinstance(value, str):
+            name, cfg = value, {}
+        elif isinstance(value, dict) and set(value) == {"name", "config"}:
+            name, cfg = value["name"], value["config"]
+        elif isinstance(value, dict) and len(value) == 1:
+            (name, cfg), = value.items()
+        else:
+            raise ValueError(f"a stage is a name or a one-key mapping 'name: {{config}}', got {value!r}")
+        cfg = {} if cfg is None else cfg
+        stage_cls = STAGES.get(name)
+        if isinstance(cfg, StageConfig):
+            return {"name": name, "config": cfg}
+        return {"name": name, "config": stage_cls.Config.model_validate(cfg)}
+
+
+class Recipe(BaseModel):
+    """A whole compression job: model, data, ordered stages, evaluation, target runtime."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = RECIPE_VERSION
+    name: str = "custom"
+    description: str = ""
+    target: Literal["cpu", "tensorrt", "cuda"] = "cpu"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    stages: list[StageSpec]
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage(self, name: str) -> StageSpec | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every default spelled out, in the same shape load_recipe reads."""
+        data = self.model_dump(mode="json")
+        data["stages"] = [{s["name"]: s["config"]} for s in data["stages"]]
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Recipe":
+        """A copy with dotted-key overrides applied; ``None`` values are ignored (flag not given).
+
+        Example:
+            >>> load_recipe("int8-ptq").with_overrides({"stages.quantize_onnx.method": "entropy"})
+        """
+        data = self.model_dump(mode="json")
+        stages = {s["name"]: s["config"] for s in data["stages"]}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            parts = key.split(".")
+            if parts[0] == "stages":
+                if len(parts) != 3:
+                    raise RecipeError(f"override {key!r} must look like stages.<stage>.<field>")
+                if parts[1] not in stages:
+                    raise RecipeError(
+                        f"option {parts[2]!r} needs stage {parts[1]!r}, which recipe {self.name!r} does not have",
+                        fix=f"use a recipe with a {parts[1]} stage",
+                    )
+                stages[parts[1]][parts[2]] = value
+                continue
+            node = data
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        data["stages"] = [{n: c} for n, c in stages.items()]
+        return parse_recipe(data, source=f"{self.name} + overrides")
+
+
+def _format_validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "recipe"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc}: {first['msg']}{more}"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source} is not a mapping", fix="see recipes/int8-ptq.yaml for the format")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"invalid recipe {source}: {_format_validation(err)}",
+                          fix="compare with recipes/int8-ptq.yaml or run with --dry-run") from None
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a recipe by built-in name (``int8-ptq``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(name_or_path)!r} not found",
+                          fix=f"give a YAML path or one of: {', '.join(list_recipes())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,81 @@
+"""report.json / report.md for a compression run, and the summary table printed at the end.
+
+Example:
+    >>> print(render_markdown(report))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPORT_SCHEMA = 1
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summary_rows(report: dict) -> list[list[str]]:
+    """One row per model: name, backend, precision, top-1, macro-F1, latency per batch size, size."""
+    rows = []
+    for key, m in report["models"].items():
+        lat = m.get("latency_ms", {})
+        rows.append([key, m["backend"], m["precision"], _fmt(m.get("top1")), _fmt(m.get("macro_f1")),
+                     *[_fmt(lat.get(f"bs{b}_p50")) for b in report.get("latency_batch_sizes", [])],
+                     _fmt(m.get("size_mb"))])
+    return rows
+
+
+def summary_header(report: dict) -> list[str]:
+    return ["model", "backend", "precision", "top-1 %", "macro-F1 %",
+            *[f"bs{b} p50 ms" for b in report.get("latency_batch_sizes", [])], "size MB"]
+
+
+def render_markdown(report: dict) -> str:
+    head = summary_header(report)
+    lines = [f"# deploykit report: {report.get('checkpoint', '')}", "",
+             f"Recipe `{report.get('recipe')}`, target `{report.get('target')}`, data `{report['data'].get('name')}` "
+             f"({report['data'].get('calibration_images')} calibration images, "
+             f"{report['data'].get('eval_images')} evaluation images).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
+    fid = report.get("fidelity", {})
+    lines += ["", f"Fidelity (compressed vs original, {fid.get('inputs', '?')} inputs): top-1 agreement "
+              f"{_fmt(fid.get('top1_agreement'), 3)}%, max |logit diff| {_fmt(fid.get('max_abs_logit_diff'), 4)}, "
+              f"SQNR {_fmt(fid.get('sqnr_db'), 1)} dB."]
+    lines += [""] + [f"- {n}" for n in report.get("notes", [])]
+    pc = report.get("per_class")
+    if pc:
+        lines += ["", "## Per-class F1 (sorted by change)", "",
+                  "| class | support | F1 original | F1 compressed | change |", "|---|---|---|---|---|"]
+        for r in pc:
+            lines.append(f"| {r['class']} | {r['support']} | {_fmt(r['f1_original'])} | {_fmt(r['f1_compressed'])} "
+                         f"| {r['f1_change']:+.2f} |")
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in report.get("stages", [])]
+    env = report.get("environment", {})
+    if env:
+        lines += ["", "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"deploykit: {report.get('checkpoint')} ({report.get('recipe')})")
+    for h in summary_header(report):
+        table.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
+    for r in summary_rows(report):
+        table.add_row(*r)
+    console.print(table)
+    fid = report.get("fidelity", {})
+    console.print(f"top-1 agreement {_fmt(fid.get('top1_agreement'), 3)}%  "
+                  f"max |logit diff| {_fmt(fid.get('max_abs_logit_diff'), 4)}")
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")

@@ -1,0 +1,10 @@
+"""Pipeline stages. Each is one class with a typed config, registered by name in ``STAGES``.
+
+Stage modules import torch/onnx only inside ``run``, so listing or validating a recipe stays light.
+"""
+
+from __future__ import annotations
+
+from .base import STAGES, PipelineState, Stage
+
+__all__ = ["STAGES", "PipelineState", "Stage"]

@@ -1,0 +1,83 @@
+"""Recipes: built-ins load, bad ones fail with a clear one-line message, the resolved form round-trips."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from deploykit.errors import RecipeError
+from deploykit.recipe import list_recipes, load_recipe, parse_recipe
+from deploykit.stages import STAGES
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_builtin_recipes_validate_and_round_trip(name):
+    r = load_recipe(name)
+    assert r.stages, name
+    again = parse_recipe(yaml.safe_load(r.to_yaml()))
+    assert again == r
+
+
+def test_builtin_recipe_set():
+    assert {"int8-ptq", "fp16", "bf16", "fp32"} <= set(list_recipes())
+    assert load_recipe("int8-ptq").stage_names() == ["fuse_bn", "export_onnx", "quantize_onnx"]
+
+
+@pytest.mark.parametrize("name", STAGES.names())
+def test_every_stage_config_has_defaults_and_version(name):
+    cfg = STAGES.get(name).Config()
+    assert cfg.version >= 1
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"stages": ["fuse_bnn"]}, r"unknown stage 'fuse_bnn'.*did you mean fuse_bn"),
+    ({"stages": [{"quantize_onnx": {"methd": "minmax"}}]}, r"stages\.0\.methd: Extra inputs are not permitted"),
+    ({"stages": [{"quantize_onnx": {"method": "median"}}]}, r"stages\.0\.method: Input should be"),
+    ({"stages": ["fuse_bn"], "target": "tpu"}, r"target: Input should be"),
+    ({"stages": ["fuse_bn"], "colour": 1}, r"colour: Extra inputs are not permitted"),
+    ({"stages": ["fuse_bn"], "version": 2}, r"version: Input should be 1"),
+    ({}, r"stages: Field required"),
+    ([1, 2], r"is not a mapping"),
+])
+def test_bad_recipes_fail_clearly(data, match):
+    with pytest.raises(RecipeError, match=match) as exc:
+        parse_recipe(data)
+    assert "\n" not in str(exc.value) and "Fix:" in str(exc.value)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not found.*int8-ptq"):
+        load_recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [fuse_bn\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_overrides_are_typed_and_checked():
+    r = load_recipe("int8-ptq").with_overrides({"stages.quantize_onnx.method": "entropy", "data.name": "x",
+                                                 "data.calibration_images": None})
+    assert r.stage("quantize_onnx").config.method == "entropy"
+    assert r.data.name == "x" and r.data.calibration_images == 512
+    with pytest.raises(RecipeError, match="needs stage 'quantize_onnx'"):
+        load_recipe("fp32").with_overrides({"stages.quantize_onnx.method": "entropy"})
+    with pytest.raises(RecipeError, match="calibration_images: Input should be greater than or equal to 1"):
+        load_recipe("int8-ptq").with_overrides({"data.calibration_images": 0})
+
+
+def test_cli_dry_run_prints_resolved_recipe(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--int8", "--data", "fashion-mnist",
+                          "--calibration-method", "percentile", "--dry-run"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    resolved = parse_recipe(yaml.safe_load(out.stdout))
+    assert resolved.name == "int8-ptq" and resolved.data.name == "fashion-mnist"
+    assert resolved.stage("quantize_onnx").config.method == "percentile"
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_conflicting_presets_exit_2():
+    out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--int8", "--fp16", "--dry-run"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: choose one of") and out.stderr.count("\n") == 1
