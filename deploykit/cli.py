@@ -118,6 +118,24 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"deploykit.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"deploykit.commands.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()
