@@ -67,7 +67,10 @@ def print_summary(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
+            console = Console(width=140)
     table = Table(title=f"deploykit: {report.get('checkpoint')} ({report.get('recipe')})")
     for h in summary_header(report):
         table.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")

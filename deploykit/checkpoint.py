@@ -1,0 +1,651 @@
+"""Read a classifier checkpoint (timm train.py, state_dict, safetensors) into a ready float model.
+
+Everything the file already says (architecture, classes, channels, preprocessing) is taken from it;
+the caller's arguments fill the gaps or override. Every failure is a one-line ``CheckpointError``.
+
+Example:
+    >>> loaded = load_checkpoint("models/resnet10t_fmnist.pth")
+    >>> loaded.arch, loaded.weights, loaded.num_classes
+    ('resnet10t', 'state_dict_ema', 10)
+    >>> resolve_preprocessing(loaded).input_size
+    (1, 28, 28)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError
+from .preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import ModelConfig
+
+# torch.compile wraps the model in `_orig_mod`, DDP/DataParallel (and timm's ModelEma) in `module`.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Hub ids ("timm/resnet50.a1_in1k") name the same architecture; "hf-hub:" would make timm fetch a config.
+_HUB_PREFIXES = ("hf-hub:timm/", "hf-hub:", "timm/")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_FIX_SHAPES = "pass the right --arch/--num-classes/--in-chans (or model_kwargs) for this checkpoint"
+_FIX_RESAVE = "re-download or re-save the checkpoint (torch.save(model.state_dict(), path))"
+
+
+@dataclass
+class LoadedModel:
+    """A float32 CPU model in eval mode plus what the checkpoint said about it."""
+
+    model: "torch.nn.Module"
+    arch: str
+    num_classes: int
+    in_chans: int
+    weights: str
+    hints: dict = field(default_factory=dict)
+    class_names: list[str] | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sha256: str = ""
+
+
+def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+                    in_chans: int | None = None, model_kwargs: dict | None = None,
+                    trust_pickle: bool = False) -> LoadedModel:
+    """Load a checkpoint file into a timm model; the arguments only fill in what the file lacks.
+
+    Args:
+        arch: timm architecture; needed only when the file does not name one (wins if both do).
+        num_classes, in_chans: override the file's args; otherwise inferred from the weight shapes.
+        model_kwargs: extra ``timm.create_model`` kwargs; default is the file's ``args.model_kwargs``.
+        trust_pickle: allow arbitrary unpickling (``weights_only=False``): only for files you trust.
+
+    Example:
+        >>> load_checkpoint("weights.safetensors", arch="resnet10t").num_classes
+        10
+    """
+    path = Path(path)
+    name = f"checkpoint '{path}'"
+    _check_file(path, name)
+    sha256 = _sha256(path)
+    notes: list[str] = []
+
+    if _sniff(path, name) == "safetensors":
+        state, meta = _load_safetensors(path, name)
+        weights, args = "safetensors", None
+    else:
+        obj = _torch_load(path, name, trust_pickle)
+        if trust_pickle:
+            notes.append("loaded with weights_only=False (--trust-pickle)")
+        module = _find_module(obj)
+        if module is not None:
+            meta = obj if isinstance(obj, Mapping) else {}
+            return _from_module(module, meta, name, sha256, notes, arch=arch, num_classes=num_classes,
+                                in_chans=in_chans)
+        state, weights = _pick_state_dict(obj, name, notes)
+        meta, args = obj, obj.get("args")
+
+    state = _strip_wrapper_prefixes(state, notes)
+    _check_finite(state, name)
+
+    arch = _resolve_arch(arch, meta, args, name, notes)
+    kwargs = dict(model_kwargs if model_kwargs is not None else (_arg(args, "model_kwargs") or {}))
+    # create_model takes these two as its own arguments; a copy inside model_kwargs would clash.
+    kw_classes, kw_chans = kwargs.pop("num_classes", None), kwargs.pop("in_chans", None)
+    num_classes = num_classes or kw_classes or _arg(args, "num_classes")
+    in_chans = in_chans or kw_chans or _arg(args, "in_chans") or (_arg(args, "input_size") or [None])[0]
+    if num_classes is None or in_chans is None:
+        num_classes, in_chans = _infer_shapes(arch, kwargs, state, num_classes, in_chans, notes)
+
+    model = _build(arch, num_classes, in_chans, kwargs, name)
+    _load_weights(model, state, name, arch, num_classes, in_chans, kwargs, notes)
+    num_classes = getattr(model, "num_classes", None) or num_classes
+    in_chans = in_chans or _first_conv_channels(model) or 3
+    return LoadedModel(model=model.float().eval(), arch=arch, num_classes=int(num_classes), in_chans=int(in_chans),
+                       weights=weights, hints=_hints(args, int(in_chans), notes),
+                       class_names=_class_names(meta), model_kwargs=kwargs, notes=notes, sha256=sha256)
+
+
+def resolve_preprocessing(loaded: LoadedModel, cfg: "ModelConfig | None" = None) -> Preprocessing:
+    """Preprocessing for ``loaded``: recipe fields win, then the file's hints, then timm's defaults.
+
+    Example:
+        >>> resolve_preprocessing(loaded, ModelConfig(input_size=32)).input_size
+        (1, 32, 32)
+    """
+    from timm.data import resolve_data_config
+
+    from .recipe import ModelConfig
+
+    cfg = cfg if cfg is not None else ModelConfig()
+    channels = loaded.in_chans
+    if cfg.in_chans and cfg.in_chans != channels:
+        raise CheckpointError(f"the recipe says in_chans={cfg.in_chans} but the loaded model takes {channels}",
+                              fix="pass the same --in-chans when loading the checkpoint")
+    hints = loaded.hints
+    timm_cfg = resolve_data_config({}, model=loaded.model)
+
+    size = (cfg.input_size,) * 2 if cfg.input_size else tuple(hints.get("input_size") or timm_cfg["input_size"])[1:]
+    # mean and std come as a pair from one source; recipe values then override each one.
+    stats = hints if "mean" in hints and "std" in hints else timm_cfg
+    mean = _user_per_channel(cfg.mean, channels, "mean") if cfg.mean else _per_channel(stats["mean"], channels)
+    std = _user_per_channel(cfg.std, channels, "std") if cfg.std else _per_channel(stats["std"], channels)
+    interpolation = cfg.interpolation or hints.get("interpolation") or timm_cfg.get("interpolation")
+    if interpolation not in _INTERPOLATIONS:
+        interpolation = "bicubic"  # timm's default, for its filters we do not implement (lanczos, box, ...)
+    # timm's eval crop can exceed 1 (test_crop_pct); we never upsample-then-pad, so cap at a full view.
+    crop_pct = min(float(hints.get("crop_pct") or timm_cfg.get("crop_pct") or 1.0), 1.0)
+
+    class_names = cfg.class_names or loaded.class_names or [f"class_{i}" for i in range(loaded.num_classes)]
+    if len(class_names) != loaded.num_classes:
+        raise CheckpointError(f"{len(class_names)} class names for a model with {loaded.num_classes} classes",
+                              fix=f"give exactly {loaded.num_classes} class names, or the right --num-classes")
+    try:
+        return Preprocessing(input_size=(channels, int(size[0]), int(size[1])), mean=mean, std=std,
+                             interpolation=interpolation, crop_pct=crop_pct, class_names=list(class_names))
+    except ValueError as err:
+        raise CheckpointError(f"invalid preprocessing: {_one_line(err)}",
+                              fix="check model.mean/std/input_size in the recipe") from None
+
+
+def save_timm_checkpoint(path: str | Path, *, arch: str, state_dict: Any, args: dict,
+                         state_dict_ema: Any = None, class_names: list[str] | None = None,
+                         extra: dict | None = None) -> None:
+    """Write a checkpoint in timm ``train.py``'s format, atomically (temp file + rename).
+
+    ``args`` becomes the ``argparse.Namespace`` train.py stores; state dicts may be given as modules.
+
+    Example:
+        >>> save_timm_checkpoint("m.pth", arch="resnet10t", state_dict=model.state_dict(),
+        ...                      args={"num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28)})
+    """
+    import torch
+
+    path = Path(path)
+    for key, value in args.items():
+        _check_plain(value, f"args[{key!r}]")
+    if args.get("model", arch) != arch:
+        raise CheckpointError(f"args['model']={args['model']!r} disagrees with arch={arch!r}",
+                              fix="drop 'model' from args or make it equal to arch")
+    defaults = dict.fromkeys(("num_classes", "in_chans", "input_size", "img_size", "mean", "std", "interpolation",
+                              "crop_pct"), None)
+    namespace = argparse.Namespace(**{**defaults, "model_kwargs": {}, **args, "model": arch})
+    state: dict[str, Any] = {"arch": arch, "args": namespace, "state_dict": _tensors_only(state_dict), "version": 2}
+    if state_dict_ema is not None:
+        state["state_dict_ema"] = _tensors_only(state_dict_ema)
+    if class_names is not None:
+        state["class_names"] = [str(c) for c in class_names]
+    clash = set(extra or {}) & set(state)
+    if clash:
+        raise CheckpointError(f"extra keys {sorted(clash)} would overwrite the checkpoint's own",
+                              fix="rename those keys in extra")
+    state.update(extra or {})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is an atomic rename: readers see the old file or the whole new one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- reading the file ------------------------------------------------------------------------------------------
+
+
+def _check_file(path: Path, name: str) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{name} not found", fix="check the path (relative paths start at the current directory)")
+    if path.is_dir():
+        raise CheckpointError(f"{name} is a directory, not a file", fix="give the .pth/.pt/.safetensors file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{name} is empty (0 bytes)", fix="the save or download was interrupted: "
+                              + _FIX_RESAVE)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Leading bytes of files that get renamed or downloaded into a .pth by mistake.
+_NOT_CHECKPOINTS = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"), (b"\x1f\x8b", "gzip data (extract it first)"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the weights (run `git lfs pull`)"),
+)
+
+
+def _sniff(path: Path, name: str) -> str:
+    """'torch' (zip or legacy pickle) or 'safetensors', judged by content since names lie."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save zip / pickle protocol >= 2
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{name} is truncated or corrupt (safetensors header says {header_len} bytes, "
+                                  f"file has {size})", fix=_FIX_RESAVE)
+        return "safetensors"
+    if path.suffix == ".safetensors" and size < 9:
+        raise CheckpointError(f"{name} is truncated or corrupt ({size} bytes)", fix=_FIX_RESAVE)
+    what = next((desc for magic, desc in _NOT_CHECKPOINTS if head.startswith(magic)), None)
+    if what is None:
+        text = head.lstrip().lower()
+        if text.startswith((b"<!doctype html", b"<html")):
+            what = "an HTML page (a failed download?)"
+        elif _looks_like_text(head):
+            what = "a text file"
+        else:
+            what = f"unrecognised data (starts with {head[:8].hex(' ')})"
+    raise CheckpointError(f"{name} is not a PyTorch checkpoint: it looks like {what}",
+                          fix="give a file written by torch.save (.pth/.pt/.bin) or a .safetensors file")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a multi-byte character cut by our 64-byte read
+            return False
+        text = head[:err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+def _load_safetensors(path: Path, name: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as err:  # SafetensorError is not importable under a stable name across versions
+        raise CheckpointError(f"{name} is truncated or corrupt ({_one_line(err)})", fix=_FIX_RESAVE) from None
+    if not state:
+        raise CheckpointError(f"{name} holds no state dict (the safetensors file has no tensors)", fix=_FIX_RESAVE)
+    return state, meta
+
+
+def _torch_load(path: Path, name: str, trust_pickle: bool) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        # timm train.py stores its args as a Namespace; nothing else beyond tensors/containers is allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = _unsafe_global(err, path)
+        if culprit:
+            raise CheckpointError(
+                f"{name} pickles Python objects ({culprit}), and unpickling them can execute arbitrary code",
+                fix="pass --trust-pickle only for a file you trust, or re-save it as a state_dict "
+                    "(torch.save(model.state_dict(), path))") from None
+        raise CheckpointError(f"{name} is truncated or corrupt (torch: {_torch_reason(err)})",
+                              fix=_FIX_RESAVE) from None
+    except (ImportError, AttributeError) as err:  # only reachable with trust_pickle
+        raise CheckpointError(f"{name} needs Python code that is not importable here ({_one_line(err)})",
+                              fix="install/import the package that defines the model, or re-save the checkpoint "
+                                  "as a state_dict") from None
+    except (RuntimeError, EOFError, ValueError, OSError, MemoryError, OverflowError) as err:
+        reason = _torch_reason(err)
+        # Seen on cut files: "PytorchStreamReader failed reading zip archive: failed finding central
+        # directory" (zip), "unexpected EOF, expected N more bytes" / "Ran out of input" (legacy pickle).
+        if re.search(r"PytorchStreamReader|central directory|EOF|Ran out of input|corrupt", reason) \
+                or isinstance(err, EOFError):
+            raise CheckpointError(f"{name} is truncated or corrupt (torch: {reason})", fix=_FIX_RESAVE) from None
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint (torch: {reason})",
+                              fix="give a file written by torch.save (.pth/.pt/.bin) or a .safetensors file") from None
+
+
+def _unsafe_global(err: Exception, path: Path) -> str | None:
+    """The class the weights-only unpickler refused, e.g. 'timm.models.resnet.ResNet'."""
+    import torch
+
+    found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(err))
+    if found:
+        return found.group(1)
+    if "Unsupported global" not in str(err):
+        return None
+    try:
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                 if g != "argparse.Namespace"]
+    except Exception:  # legacy (non-zip) files cannot be scanned
+        names = []
+    return ", ".join(names[:3]) if names else "a non-tensor object"
+
+
+def _torch_reason(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+    text = re.sub(r"\s*This is an internal miniz error.*", "", text, flags=re.S)
+    return _one_line(text)[:200] or type(err).__name__
+
+
+def _one_line(err: Any) -> str:
+    return " ".join(str(err).split()).rstrip(".")
+
+
+# --- choosing the weights ------------------------------------------------------------------------------------------
+
+
+def _is_state_dict(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, Mapping) and len(value) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _find_module(obj: Any):
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, Mapping):  # e.g. {"model": <nn.Module>, "epoch": 3} from a trusted file
+        for key in ("model_ema", "model"):
+            if isinstance(obj.get(key), torch.nn.Module):
+                return obj[key]
+    return None
+
+
+def _pick_state_dict(obj: Any, name: str, notes: list[str]) -> tuple[dict, str]:
+    fix = "save model.state_dict() (or a dict with a 'state_dict' key) with torch.save"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name} holds no state dict: it holds a {type(obj).__name__}", fix=fix)
+    if _is_state_dict(obj.get("state_dict_ema")):
+        notes.append("using EMA weights (state_dict_ema)")
+        return dict(obj["state_dict_ema"]), "state_dict_ema"
+    for key in ("state_dict", "model"):
+        if _is_state_dict(obj.get(key)):
+            return dict(obj[key]), key
+    if _is_state_dict(obj):
+        return dict(obj), "state_dict (root)"
+    keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+    raise CheckpointError(f"{name} holds no state dict (top-level keys: {keys}; no dict of tensors among them)",
+                          fix=fix)
+
+
+def _strip_wrapper_prefixes(state: dict, notes: list[str]) -> dict:
+    stripped = True
+    while stripped:  # compile + DDP can nest: "module._orig_mod.conv1.weight"
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                notes.append(f"stripped '{prefix}' prefix from {len(state)} keys")
+                stripped = True
+    return state
+
+
+def _check_finite(state: Mapping, name: str) -> None:
+    import torch
+
+    bad = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append((key, count))
+    if bad:
+        key, count = bad[0]
+        more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise CheckpointError(f"{name} has non-finite weights: {count} NaN/Inf values in '{key}'{more}",
+                              fix="training diverged or the file is damaged: use an earlier checkpoint")
+
+
+# --- architecture and model ----------------------------------------------------------------------------------------
+
+
+def _arg(args: Any, key: str) -> Any:
+    """A field of train.py's args, stored as an argparse.Namespace (or a plain dict by other scripts)."""
+    if isinstance(args, Mapping):
+        return args.get(key)
+    return getattr(args, key, None)
+
+
+def _resolve_arch(arch: str | None, meta: Mapping, args: Any, name: str, notes: list[str]) -> str:
+    import timm
+
+    file_arch = meta.get("arch") or _arg(args, "model")
+    file_arch = file_arch if isinstance(file_arch, str) and file_arch else None
+    if arch and file_arch and arch != file_arch:
+        notes.append(f"--arch {arch} overrides the file's arch '{file_arch}'")
+    chosen = arch or file_arch
+    if not chosen:
+        raise CheckpointError(f"{name} does not name its architecture",
+                              fix="pass --arch with the timm model name, e.g. --arch resnet50")
+    for prefix in _HUB_PREFIXES:
+        if chosen.startswith(prefix):
+            notes.append(f"arch '{chosen}' read as '{chosen[len(prefix):]}'")
+            chosen = chosen[len(prefix):]
+            break
+    if not timm.is_model(chosen):
+        source = "--arch" if arch else "the file"
+        close = difflib.get_close_matches(chosen.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(close)}" if close else "list them with timm.list_models('*name*')"
+        raise CheckpointError(f"unknown architecture '{chosen}' (from {source}) in timm {timm.__version__}",
+                              fix=f"pass --arch with a timm model name ({hint})")
+    return chosen
+
+
+def _infer_shapes(arch: str, kwargs: dict, state: Mapping, num_classes: int | None, in_chans: int | None,
+                  notes: list[str]) -> tuple[int | None, int | None]:
+    """Read num_classes / in_chans off the classifier and first conv that timm's pretrained_cfg names."""
+    cfg = _pretrained_cfg(arch, kwargs)
+    classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
+    # Distilled models list two heads ("head", "head_dist"); both have num_classes outputs.
+    classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    first_conv = first_conv[0] if isinstance(first_conv, (list, tuple)) else first_conv
+    weight = state.get(f"{classifier}.weight") if classifier else None
+    if num_classes is None and weight is not None and weight.ndim >= 2:
+        num_classes = int(weight.shape[0])
+        notes.append(f"num_classes={num_classes} inferred from {classifier}.weight")
+    weight = state.get(f"{first_conv}.weight") if first_conv else None
+    if in_chans is None and weight is not None and weight.ndim >= 2:
+        in_chans = int(weight.shape[1])
+        notes.append(f"in_chans={in_chans} inferred from {first_conv}.weight")
+    return num_classes, in_chans
+
+
+def _pretrained_cfg(arch: str, kwargs: dict) -> dict:
+    import timm
+    import torch
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is not None:
+        return cfg.to_dict()
+    try:
+        # No registered cfg: build once with defaults to read it; on "meta" so no weights are allocated.
+        with torch.device("meta"):
+            return dict(timm.create_model(arch, pretrained=False, **kwargs).pretrained_cfg or {})
+    except Exception:
+        return {}
+
+
+def _build(arch: str, num_classes: int | None, in_chans: int | None, kwargs: dict, name: str):
+    import timm
+
+    shape_kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    try:
+        return timm.create_model(arch, pretrained=False, **shape_kwargs, **kwargs)
+    except Exception as err:
+        raise CheckpointError(f"could not build {_describe(arch, num_classes, in_chans, kwargs)} for {name}: "
+                              f"{type(err).__name__}: {_one_line(err)}",
+                              fix="check --arch and the model_kwargs (args.model_kwargs in the file)") from None
+
+
+def _describe(arch: str, num_classes: int | None, in_chans: int | None, kwargs: dict) -> str:
+    shape = {"num_classes": num_classes, "in_chans": in_chans}
+    parts = [f"{k}={v!r}" for k, v in {**shape, **kwargs}.items() if v is not None]
+    return f"{arch}({', '.join(parts)})"
+
+
+def _shape(tensor) -> str:
+    return "[" + ", ".join(str(d) for d in tensor.shape) + "]"
+
+
+def _load_weights(model, state: dict, name: str, arch: str, num_classes, in_chans, kwargs: dict,
+                  notes: list[str]) -> None:
+    """load_state_dict, after our own comparison so the error lists every kind of misfit at once."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    # Checkpoints from before torch 0.4.1 lack BatchNorm's step counter; it does not affect eval.
+    counters = [k for k in missing if k.endswith(".num_batches_tracked")]
+    missing = [k for k in missing if k not in counters]
+    if missing or unexpected or mismatched:
+        def listing(keys, fmt):
+            shown = "; ".join(fmt(k) for k in keys[:3])
+            return f"{shown}; ..." if len(keys) > 3 else shown
+
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatch{'es' if len(mismatched) > 1 else ''} (" + listing(
+                mismatched, lambda k: f"{k}: ckpt {_shape(state[k])} vs model {_shape(expected[k])}") + ")")
+        if missing:
+            problems.append(f"{len(missing)} missing key{'s' if len(missing) > 1 else ''} (" + listing(
+                missing, lambda k: f"{k} {_shape(expected[k])}") + ")")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key{'s' if len(unexpected) > 1 else ''} (" + listing(
+                unexpected, lambda k: f"{k} {_shape(state[k])}") + ")")
+        if len(unexpected) > len(state) / 2:
+            problems.append(f"most of its weights are unknown to {arch}, so it is probably another architecture")
+        raise CheckpointError(f"{name} does not fit {_describe(arch, num_classes, in_chans, kwargs)}: "
+                              + ", ".join(problems), fix=_FIX_SHAPES)
+    if counters:
+        notes.append(f"{len(counters)} BatchNorm num_batches_tracked buffers missing (old checkpoint); kept at 0")
+    model.load_state_dict(state, strict=not counters)
+
+
+def _first_conv_channels(model) -> int | None:
+    import torch
+
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return conv.in_channels if conv is not None else None
+
+
+def _from_module(module, meta: Mapping, name: str, sha256: str, notes: list[str], *, arch, num_classes,
+                 in_chans) -> LoadedModel:
+    """A whole pickled nn.Module (trusted file): use it as is; arguments can only be checked against it."""
+    import torch
+
+    model = module.float().cpu().eval()
+    _check_finite(model.state_dict(), name)
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    found_arch = pretrained_cfg.get("architecture") or type(model).__name__
+    if arch and arch != found_arch:
+        notes.append(f"--arch {arch} ignored: the file holds a whole {found_arch} module")
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    found_classes = getattr(model, "num_classes", None) or (linear[-1].out_features if linear else None)
+    found_chans = _first_conv_channels(model)
+    for flag, given, found in (("--num-classes", num_classes, found_classes), ("--in-chans", in_chans, found_chans)):
+        if given and found and given != found:
+            raise CheckpointError(f"{name} holds a module with {flag[2:]}={found}, not {given}",
+                                  fix=f"drop {flag} or use a checkpoint made for {given}")
+    found_classes = found_classes or num_classes
+    if not found_classes:
+        raise CheckpointError(f"cannot tell how many classes the pickled {found_arch} in {name} has",
+                              fix="pass --num-classes")
+    notes.append(f"using the pickled {found_arch} module as is")
+    return LoadedModel(model=model, arch=found_arch, num_classes=int(found_classes),
+                       in_chans=int(found_chans or in_chans or 3), weights="pickled nn.Module", hints={},
+                       class_names=_class_names(meta), model_kwargs={}, notes=notes, sha256=sha256)
+
+
+# --- what the file says about inputs and labels -------------------------------------------------------------------
+
+
+def _hints(args: Any, in_chans: int, notes: list[str]) -> dict:
+    """Preprocessing recorded in train.py's args; missing or unusable fields are simply left out."""
+    hints: dict[str, Any] = {}
+    input_size, img_size = _arg(args, "input_size"), _arg(args, "img_size")
+    if input_size:
+        hints["input_size"] = tuple(int(v) for v in input_size)
+    elif img_size:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        hints["input_size"] = (in_chans, int(h), int(w))
+    for key in ("mean", "std"):
+        if _arg(args, key):
+            hints[key] = tuple(float(v) for v in _arg(args, key))
+    interpolation = _arg(args, "interpolation")
+    if interpolation in _INTERPOLATIONS:
+        hints["interpolation"] = interpolation
+    elif interpolation:
+        notes.append(f"interpolation '{interpolation}' from the file is not supported; using the default")
+    if _arg(args, "crop_pct"):
+        hints["crop_pct"] = float(_arg(args, "crop_pct"))
+    return hints
+
+
+def _class_names(meta: Mapping) -> list[str] | None:
+    names = meta.get("class_names") or meta.get("classes")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    """timm/file statistics for another channel count: the average, once per channel (3 RGB -> 1 gray)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def _user_per_channel(values, channels: int, what: str) -> tuple[float, ...]:
+    if len(values) == channels:
+        return tuple(float(v) for v in values)
+    if len(values) == 1:
+        return (float(values[0]),) * channels
+    raise CheckpointError(f"the recipe's {what} has {len(values)} values but the model takes {channels} channels",
+                          fix=f"give 1 or {channels} {what} values")
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+
+
+def _tensors_only(state: Any) -> dict:
+    import torch
+
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    # detach + cpu: a CUDA or grad-tracking tensor would tie the file to this machine / pickle autograd state.
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _check_plain(value: Any, where: str) -> None:
+    # The reader loads with weights_only=True, which refuses anything beyond plain Python values.
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise CheckpointError(f"{where} is a {type(value).__name__}, which weights-only loading cannot read",
+                          fix="store it as a plain value (str, number, list, dict)")

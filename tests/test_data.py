@@ -1,0 +1,83 @@
+"""Datasets: Fashion-MNIST(-LT) from the Debian package, ImageFolder, and clear errors for bad data."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deploykit.data import resolve_data
+from deploykit.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, long_tail_counts
+from deploykit.data.imagefolder import load_imagefolder_splits
+from deploykit.errors import DataError
+from deploykit.recipe import DataConfig
+
+
+def test_fashion_mnist_splits_are_real_and_balanced():
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    assert test.class_names == CLASS_NAMES
+    assert abs(train.images.mean() / 255 - 0.2860) < 1e-3  # the reference model's normalisation constant
+
+
+def test_long_tailed_variant_has_ratio_100_and_balanced_test():
+    lt = load_fashion_mnist("train", long_tailed=True)
+    counts = np.bincount(lt.labels)
+    assert counts.tolist() == long_tail_counts(6000, 10, 100.0)
+    assert counts[0] / counts[-1] == 100
+    assert np.all(np.diff(counts) < 0)
+
+
+def test_resolve_data_never_calibrates_on_eval_images():
+    s = resolve_data(DataConfig(name="fashion-mnist", calibration_images=100, eval_images=500))
+    assert len(s.calibration) == 100 and len(s.eval) == 500
+    assert s.calibration.name.endswith("calibration") and s.train.name.endswith(":train")
+    assert resolve_data(DataConfig(name=None)) is None
+
+
+def _folder(root, classes, n=3, size=(20, 16), mode="RGB"):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new(mode, size, color=(i * 40) if mode == "L" else (i * 40, 10, 200)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_imagefolder_split_is_seeded_and_disjoint(tmp_path):
+    _folder(tmp_path / "ds", ["cat", "dog"], n=10)
+    train, ev = load_imagefolder_splits(tmp_path / "ds", seed=0)
+    assert train.class_names == ["cat", "dog"] and len(train) + len(ev) == 20
+    assert not set(map(str, train.paths)) & set(map(str, ev.paths))
+    assert sorted(np.bincount(ev.labels).tolist()) == [2, 2]
+
+
+def test_imagefolder_with_train_val(tmp_path):
+    _folder(tmp_path / "ds" / "train", ["a", "b"], n=4)
+    _folder(tmp_path / "ds" / "val", ["a", "b"], n=2)
+    train, ev = load_imagefolder_splits(tmp_path / "ds")
+    assert (len(train), len(ev)) == (8, 4)
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: None, r"does not exist.*Fix: pass --data"),
+    (lambda p: p.mkdir(), r"has no class sub-directories"),
+    (lambda p: (p / "a").mkdir(parents=True), r"contains no image files"),
+    (lambda p: ((p / "a").mkdir(parents=True), (p / "a" / "x.jpg").write_text("not an image")),
+     r"x\.jpg is not a readable image"),
+])
+def test_bad_imagefolders_fail_clearly(tmp_path, setup, match):
+    root = tmp_path / "ds"
+    setup(root)
+    with pytest.raises(DataError, match=match):
+        load_imagefolder_splits(root)
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
+    from deploykit.data import fashion_mnist
+
+    monkeypatch.setenv("DEPLOYKIT_FASHION_MNIST_DIR", str(tmp_path))
+    fashion_mnist._load_split.cache_clear()
+    try:
+        with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+            load_fashion_mnist("test")
+    finally:
+        fashion_mnist._load_split.cache_clear()
