@@ -56,7 +56,7 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *
     import torch
 
     from .checkpoint import load_checkpoint, resolve_preprocessing
-    from .data import check_fits, resolve_data
+    from .data import BUILTIN, check_fits, resolve_data
     from .stages import STAGES, PipelineState
 
     console = _console(console)
@@ -73,6 +73,11 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *
                              trust_pickle=mc.trust_pickle)
     for note in loaded.notes:
         console.print(f"[dim]checkpoint:[/] {note}")
+    recorded = loaded.hints.get("dataset")
+    if recipe.data.name is None and recorded in BUILTIN:
+        console.print(f"[dim]data:[/] using {recorded!r}, the dataset recorded in the checkpoint "
+                      "(--data none for data-free)")
+        recipe = recipe.with_overrides({"data.name": recorded})
     data = resolve_data(recipe.data)
     if data is not None:
         check_fits(data, loaded.num_classes)
@@ -143,12 +148,19 @@ def _attach_inputs(state, recipe: Recipe, console, notes: list[str]) -> None:
                  "synthetic inputs. Pass --data for real numbers.")
     console.print(f"[yellow]warning:[/] {notes[-1]}")
 
-    def synth(n: int, seed: int) -> np.ndarray:
-        with console.status(f"synthesizing {n} data-free inputs from BatchNorm statistics..."):
-            return synthesize_from_bn(state.teacher, pre.input_size, n=n, steps=d.synthetic_steps, seed=seed)
+    n_cal, n_check = d.synthetic_images, min(16, d.check_images)
 
-    state.calibration_fn = lambda: synth(d.synthetic_images, d.seed)
-    state.check_fn = lambda: synth(min(32, d.check_images), d.seed + 1)
+    def synth() -> np.ndarray:
+        # One optimisation for both sets (the cost is per step, not per image); split afterwards so the
+        # parity checks run on inputs the calibration never saw.
+        if "synthetic" not in state._cache:
+            with console.status(f"synthesizing {n_cal + n_check} data-free inputs from BatchNorm statistics..."):
+                state._cache["synthetic"] = synthesize_from_bn(state.teacher, pre.input_size, n=n_cal + n_check,
+                                                               steps=d.synthetic_steps, seed=d.seed)
+        return state._cache["synthetic"]
+
+    state.calibration_fn = lambda: synth()[:n_cal]
+    state.check_fn = lambda: synth()[n_cal:]
 
 
 def _finalize_model(state) -> Path:

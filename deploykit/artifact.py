@@ -77,7 +77,8 @@ class ArtifactWriter:
             raise ArtifactError(f"output directory {self.out} already exists",
                                 fix="pass --overwrite to replace it, or --out to write elsewhere")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        _remove_stale_tempdirs(self.out)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         return self.workdir
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -93,6 +94,24 @@ class ArtifactWriter:
         else:
             os.replace(self.workdir, self.out)
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tempdirs(out: Path) -> None:
+    """Delete temp dirs left by runs that were killed (SIGKILL, power loss): their pid is gone."""
+    for d in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = d.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass

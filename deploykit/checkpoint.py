@@ -596,6 +596,8 @@ def _hints(args: Any, in_chans: int, notes: list[str]) -> dict:
         notes.append(f"interpolation '{interpolation}' from the file is not supported; using the default")
     if _arg(args, "crop_pct"):
         hints["crop_pct"] = float(_arg(args, "crop_pct"))
+    if _arg(args, "dataset"):  # train.py's --dataset; a built-in name lets compress evaluate without --data
+        hints["dataset"] = str(_arg(args, "dataset"))
     return hints
 
 

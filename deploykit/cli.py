@@ -55,7 +55,7 @@ def compress(
     bf16: bool = typer.Option(False, "--bf16", help="preset: recipes/bf16.yaml (CPU, OpenVINO)"),
     fp32: bool = typer.Option(False, "--fp32", help="preset: recipes/fp32.yaml (export only)"),
     target: Optional[Target] = typer.Option(None, help="deployment target"),
-    data: Optional[str] = typer.Option(None, help="fashion-mnist | fashion-mnist-lt | ImageFolder dir; none = data-free"),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist | fashion-mnist-lt | ImageFolder dir | none (data-free); default: the dataset the checkpoint names, else data-free"),
     arch: Optional[str] = typer.Option(None, help="timm architecture, when the checkpoint does not say"),
     num_classes: Optional[int] = typer.Option(None, help="classifier outputs, when the checkpoint does not say"),
     in_chans: Optional[int] = typer.Option(None, help="input channels, when the checkpoint does not say"),
@@ -136,7 +136,15 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds through ArtifactWriter, which deletes the half-built directory.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except DeployKitError as err:  # errors raised outside a command body

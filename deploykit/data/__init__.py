@@ -89,8 +89,8 @@ class DataSplits:
 
 
 def resolve_data(cfg) -> DataSplits | None:
-    """DataConfig -> DataSplits; None when cfg.name is None (the data-free path)."""
-    if cfg.name is None:
+    """DataConfig -> DataSplits; None when cfg.name is None or 'none' (the data-free path)."""
+    if cfg.name in (None, "none"):
         return None
     if cfg.name in BUILTIN:
         from .fashion_mnist import load_fashion_mnist

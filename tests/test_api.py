@@ -1,0 +1,201 @@
+"""End to end through the one entry point (deploykit.compress) and the real `deploykit` command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from deploykit import compress  # noqa: E402
+from deploykit.artifact import Artifact, sha256_file  # noqa: E402
+from deploykit.checkpoint import save_timm_checkpoint  # noqa: E402
+from deploykit.errors import ArtifactError, CheckpointError, DataError, ParityError  # noqa: E402
+
+REFERENCE = Path(__file__).parents[1] / "models" / "resnet10t_fmnist.pth"
+FAST_EVAL = {"eval__latency_runs": 5, "eval__warmup_runs": 1, "eval__latency_budget_s": 2.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A small timm ResNet with random weights, saved in timm train.py format."""
+    torch.manual_seed(0)
+    kwargs = {"channels": (8, 16, 32, 64)}
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_timm_checkpoint(path, arch="resnet10t", state_dict=m.state_dict(),
+                         args={"model": "resnet10t", "num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28),
+                               "mean": (0.286,), "std": (0.353,), "model_kwargs": kwargs})
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_artifact(tmp_path_factory):
+    """The README's main job on the real reference checkpoint, evaluated on 2000 real test images."""
+    out = tmp_path_factory.mktemp("ref") / "ref.deploykit"
+    return compress(REFERENCE, "int8-ptq", out=out, data__name="fashion-mnist", data__eval_images=2000,
+                    **FAST_EVAL)
+
+
+def test_reference_int8_keeps_accuracy(reference_artifact):
+    rep = reference_artifact.report
+    orig, comp = rep["models"]["original"], rep["models"]["compressed"]
+    assert comp["backend"] == "onnxruntime" and comp["precision"] == "int8"
+    assert orig["top1"] > 88.0                        # a real model, not a coin toss
+    assert abs(orig["top1"] - comp["top1"]) <= 1.0    # 2000 images: +-1 point (full 10k run: see README)
+    assert abs(orig["macro_f1"] - comp["macro_f1"]) <= 1.5
+    assert rep["fidelity"]["top1_agreement"] >= 98.0
+    assert comp["size_mb"] < 0.4 * orig["size_mb"]    # int8 weights
+    assert len(comp["per_class_f1"]) == 10 and len(rep["per_class"]) == 10
+    assert rep["data"] == {"name": "fashion-mnist", "real": True, "calibration_images": 512, "eval_images": 2000}
+
+
+def test_report_and_manifest_shape(reference_artifact):
+    path = reference_artifact.path
+    rep = json.loads((path / "report.json").read_text())
+    assert rep["schema"] == 1
+    assert set(rep["models"]) == {"original", "onnx_fp32", "compressed"}
+    for m in rep["models"].values():
+        assert {"backend", "precision", "top1", "top5", "macro_f1", "per_class_f1", "latency_ms", "size_mb"} <= set(m)
+        assert {"bs1_p50", "bs32_p50"} <= set(m["latency_ms"])
+    assert [s["name"] for s in rep["stages"]][:3] == ["fuse_bn", "export_onnx", "quantize_onnx"]
+    assert "top-1 agreement" in (path / "report.md").read_text()
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["source"]["sha256"] == sha256_file(REFERENCE)
+    assert man["runtime"]["model"] == "model.onnx" and man["runtime"]["precision"] == "int8"
+    assert {"model.onnx", "model.fp32.onnx", "preprocessing.json", "recipe.yaml", "report.json"} <= set(man["files"])
+    assert {"torch", "onnx", "onnxruntime", "deploykit"} <= set(man["versions"])
+    art = Artifact.open(path)
+    assert art.verify() == []
+    assert art.preprocessing.class_names[0] == "T-shirt/top"
+    assert yaml.safe_load((path / "recipe.yaml").read_text())["data"]["name"] == "fashion-mnist"
+
+
+def test_artifact_backend_reproduces_reported_accuracy(reference_artifact):
+    from deploykit.data.fashion_mnist import load_fashion_mnist
+
+    art = Artifact.open(reference_artifact.path)
+    test = load_fashion_mnist("test").head(2000, seed=0)
+    logits = art.backend().run(art.preprocessing.from_uint8(test.images))
+    top1 = float((logits.argmax(1) == test.labels).mean() * 100)
+    assert top1 == pytest.approx(reference_artifact.report["models"]["compressed"]["top1"], abs=1e-6)
+
+
+def test_data_free_path_is_honest(tiny_ckpt, tmp_path):
+    res = compress(tiny_ckpt, "int8-ptq", out=tmp_path / "df", data__synthetic_images=8, data__synthetic_steps=3,
+                   data__check_images=16, **FAST_EVAL)
+    rep = res.report
+    assert rep["data"]["real"] is False and rep["data"]["calibration_images"] == 8
+    assert rep["models"]["compressed"]["top1"] is None
+    assert rep["fidelity"]["inputs_kind"] == "held-out synthetic inputs"
+    assert 0 <= rep["fidelity"]["top1_agreement"] <= 100
+    assert any("Accuracy was NOT measured" in n for n in rep["notes"])
+
+
+def test_failed_run_leaves_nothing_and_keeps_old_artifact(tiny_ckpt, tmp_path):
+    out = tmp_path / "a.deploykit"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(ArtifactError, match="already exists.*--overwrite"):
+        compress(tiny_ckpt, "fp32", out=out)
+    # an impossible parity tolerance makes export fail half-way through the run
+    with pytest.raises(ParityError, match="exported ONNX disagrees"):
+        compress(tiny_ckpt, "fp32", out=out, overwrite=True, data__synthetic_images=4, data__synthetic_steps=0,
+                 data__check_images=8, stages__export_onnx__atol=1e-30, stages__export_onnx__min_top1_agreement=100)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.deploykit"]          # no temp dirs left behind
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]                   # old artifact untouched
+
+
+def test_overwrite_replaces_only_when_complete(tiny_ckpt, tmp_path):
+    out = tmp_path / "b.deploykit"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    res = compress(tiny_ckpt, "fp32", out=out, overwrite=True, eval__enabled=False, data__synthetic_images=4,
+                   data__synthetic_steps=0, data__check_images=8)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert res.manifest["runtime"]["precision"] == "fp32"
+
+
+def test_bf16_and_fp16_recipes_pass_parity(tiny_ckpt, tmp_path):
+    for name, backend in (("bf16", "openvino"), ("fp16", "onnxruntime")):
+        res = compress(tiny_ckpt, name, out=tmp_path / name, eval__enabled=False, data__synthetic_images=4,
+                       data__synthetic_steps=0, data__check_images=16)
+        facts = res.report["stage_facts"]["cast"]
+        assert facts["runtime"]["backend"] == backend and facts["parity"]["top1_agreement"] >= 98.0
+        assert Artifact.open(res.path).backend().run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+
+
+def test_class_count_mismatch_is_caught_before_work(tmp_path):
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=5, in_chans=1, channels=(8, 16, 32, 64))
+    ckpt = tmp_path / "five.pth"
+    save_timm_checkpoint(ckpt, arch="resnet10t", state_dict=m.state_dict(),
+                         args={"model": "resnet10t", "num_classes": 5, "in_chans": 1,
+                               "model_kwargs": {"channels": (8, 16, 32, 64)}})
+    with pytest.raises(DataError, match="has 10 classes but the model predicts 5"):
+        compress(ckpt, "int8-ptq", out=tmp_path / "x", data__name="fashion-mnist")
+    assert not (tmp_path / "x").exists()
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "deploykit", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_end_to_end(tiny_ckpt, tmp_path):
+    out = _cli("compress", tiny_ckpt, "--int8", "--data", "fashion-mnist", "--eval-images", "300",
+               "--calibration-images", "64", "--calibration-method", "entropy", "--no-eval", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    art = Artifact.open(tmp_path / "tiny.deploykit")          # default output: <ckpt-stem>.deploykit in cwd
+    rec = yaml.safe_load((art.path / "recipe.yaml").read_text())
+    assert rec["stages"][2]["quantize_onnx"]["method"] == "entropy" and rec["data"]["calibration_images"] == 64
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_text("hello"), "not a PyTorch checkpoint"),
+])
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, make, match):
+    bad = tmp_path / "bad.pth"
+    make(bad)
+    out = _cli("compress", bad, "--int8", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0] and "Fix:" in lines[0]
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_untrusted_pickle_is_refused_by_the_api(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(8, 16, 32, 64)), path)
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        compress(path, "fp32", out=tmp_path / "x")
+
+
+def test_sigterm_mid_run_leaves_no_partial_output(tiny_ckpt, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "deploykit", "compress", str(tiny_ckpt), "--int8",
+                             "--data", "fashion-mnist", "--out", str(tmp_path / "t.deploykit")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".t.deploykit.tmp-*")):
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".t.deploykit.tmp-*")), "the run never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
+    stale = tmp_path / ".s.deploykit.tmp-999999999-abc"   # no such pid
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"half")
+    compress(tiny_ckpt, "fp32", out=tmp_path / "s.deploykit", eval__enabled=False, data__synthetic_images=4,
+             data__synthetic_steps=0, data__check_images=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.deploykit"]
