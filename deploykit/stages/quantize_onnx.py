@@ -26,7 +26,7 @@ from .export_onnx import INPUT_NAME
 def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method: str = "minmax",
                   per_channel: bool = True, activation_type: str = "uint8", weight_type: str = "int8",
                   quant_format: str = "qdq", percentile: float = 99.999, exclude_nodes: list[str] | None = None,
-                  preprocess: bool = True) -> Path:
+                  reduce_range: bool = True, preprocess: bool = True) -> Path:
     """Calibrate on ``batches`` and write the quantized model to ``dst``."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -50,6 +50,7 @@ def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method
             str(model_in), str(dst), Reader(),
             quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=types[activation_type],
             weight_type=types[weight_type],
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -76,6 +77,11 @@ class QuantizeOnnx(Stage):
         method: Literal["minmax", "entropy", "percentile"] = "minmax"
         percentile: float = Field(99.999, gt=90, le=100)
         per_channel: bool = True
+        # 7-bit weights. ONNX Runtime's x86 U8S8 kernels accumulate pairs with VPMADDUBSW, which saturates
+        # int16 with full-range 8-bit weights. Measured on the reference model (10k test images): top-1
+        # agreement with FP32 96.9% without, 99.3% with (top-1 88.32% -> 89.26%, FP32 89.28%), and
+        # OpenVINO running the same QDQ graph agreed 99.45% — the loss was the kernel, not the scales.
+        reduce_range: bool = True
         activation_type: Literal["uint8", "int8"] = "uint8"
         weight_type: Literal["int8", "uint8"] = "int8"
         format: Literal["qdq", "qoperator"] = "qdq"
@@ -96,7 +102,7 @@ class QuantizeOnnx(Stage):
         quantize_onnx(state.onnx_path, dst, (calib[i:i + bs] for i in range(0, len(calib), bs)),
                       method=c.method, per_channel=c.per_channel, activation_type=c.activation_type,
                       weight_type=c.weight_type, quant_format=c.format, percentile=c.percentile,
-                      exclude_nodes=c.exclude_nodes)
+                      exclude_nodes=c.exclude_nodes, reduce_range=c.reduce_range)
         x = state.check_inputs()
         ref, got = (np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64]) for i in range(0, len(x), 64)])
                     for p in (state.onnx_fp32_path or state.onnx_path, dst))
@@ -109,5 +115,5 @@ class QuantizeOnnx(Stage):
         state.onnx_path, state.precision = dst, "int8"
         state.runtime = {"backend": "onnxruntime", "settings": {}}
         return {"file": dst.name, "calibration_images": int(len(calib)), "method": c.method,
-                "per_channel": c.per_channel, "activation_type": c.activation_type, "weight_type": c.weight_type,
+                "per_channel": c.per_channel, "reduce_range": c.reduce_range, "activation_type": c.activation_type, "weight_type": c.weight_type,
                 "qdq": count_qdq(dst), "fidelity_vs_fp32": fid}
