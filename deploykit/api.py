@@ -164,26 +164,37 @@ def _attach_inputs(state, recipe: Recipe, console, notes: list[str]) -> None:
 
 
 def _finalize_model(state) -> Path:
-    """Name the final model ``model.onnx`` (a hard link when it is the float export itself)."""
-    final = state.workdir / FINAL_MODEL
+    """The file the default runtime runs, plus ``model.onnx``: always the final model in ONNX form.
+
+    A stage that picks the runtime by measurement (select_runtime) names its file in ``state.runtime["model"]``
+    (e.g. an OpenVINO IR ``model.ov.xml``); otherwise the latest ONNX ships. ``model.onnx`` is a hard link to the
+    chosen ONNX (or, for an IR, to the latest ONNX of the same precision), so ONNX consumers always find it and
+    the per-variant files named in the manifest stay where they are.
+    """
     if state.onnx_path is None:
         raise RuntimeError("recipe produced no ONNX model: it needs an export_onnx stage")
-    if state.onnx_path.name == FLOAT_MODEL:
+    chosen = state.runtime.get("model")
+    if chosen:
+        missing = [f for f in state.runtime.get("model_files", [chosen]) if not (state.workdir / f).is_file()]
+        if missing:
+            raise RuntimeError(f"runtime model files {missing} were not written by the recipe's stages")
+    onnx_final = state.workdir / FINAL_MODEL
+    source = state.workdir / chosen if chosen and chosen.endswith(".onnx") else state.onnx_path
+    if source != onnx_final:
         try:
-            os.link(state.onnx_path, final)
+            os.link(source, onnx_final)
         except OSError:
             import shutil
 
-            shutil.copyfile(state.onnx_path, final)
-    else:
-        os.replace(state.onnx_path, final)
-    state.onnx_path = final
-    return final
+            shutil.copyfile(source, onnx_final)
+    state.onnx_path = onnx_final
+    return state.workdir / chosen if chosen and not chosen.endswith(".onnx") else onnx_final
 
 
 def _size_mb(obj) -> float:
-    if isinstance(obj, Path):
-        return round(obj.stat().st_size / 2**20, 3)
+    if isinstance(obj, Path):  # an OpenVINO IR is its .xml plus the .bin of weights
+        files = [obj, obj.with_suffix(".bin")] if obj.suffix == ".xml" else [obj]
+        return round(sum(f.stat().st_size for f in files) / 2**20, 3)
     return round(sum(t.numel() * t.element_size() for t in obj.state_dict().values()) / 2**20, 3)
 
 
@@ -278,7 +289,9 @@ def _manifest(checkpoint, loaded, state, final: Path, lineage: list, workdir: Pa
         "source": {"checkpoint": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch,
                    "weights": loaded.weights, "num_classes": loaded.num_classes},
         "runtime": {"backend": state.runtime["backend"], "model": final.name, "precision": state.precision,
-                    "settings": state.runtime.get("settings", {}), "target": state.target},
+                    "settings": state.runtime.get("settings", {}), "target": state.target,
+                    # per-backend model files (Artifact.backend(name) / DEPLOYKIT_BACKEND) and the chosen variant
+                    **{k: state.runtime[k] for k in ("files", "variant") if k in state.runtime}},
         "files": files,
         "lineage": [{k: s[k] for k in ("name", "config", "seconds")} for s in lineage],
         "versions": versions(),

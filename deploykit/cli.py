@@ -38,12 +38,29 @@ def fail(err: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp32: bool) -> str:
-    chosen = [name for flag, name in ((int8, "int8-ptq"), (fp16, "fp16"), (bf16, "bf16"), (fp32, "fp32")) if flag]
+# (precision flag, target) -> built-in recipe. One checkpoint, one artifact per target: the TensorRT INT8 graph
+# (symmetric Q/DQ placed for TensorRT's fusions) ran slower than FP32 on ONNX Runtime CPU, so targets never share.
+PRESETS = {
+    ("int8", "cpu"): "int8-ptq", ("fp16", "cpu"): "fp16", ("bf16", "cpu"): "bf16", ("fp32", "cpu"): "fp32",
+    ("int8", "tensorrt"): "int8-tensorrt", ("fp16", "tensorrt"): "fp16-tensorrt",
+    ("fp16", "cuda"): "fp16", ("fp32", "tensorrt"): "fp32", ("fp32", "cuda"): "fp32",
+}
+
+
+def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp32: bool,
+                  target: Optional[str] = None) -> str:
+    chosen = [name for flag, name in ((int8, "int8"), (fp16, "fp16"), (bf16, "bf16"), (fp32, "fp32")) if flag]
     if len(chosen) > 1 or (chosen and recipe):
         raise DeployKitError(f"choose one of --recipe/--int8/--fp16/--bf16/--fp32 (got {len(chosen) + bool(recipe)})",
                              fix="drop the extra flags; a --recipe file already says its precision")
-    return recipe or (chosen[0] if chosen else "int8-ptq")
+    if recipe:
+        return recipe
+    precision = chosen[0] if chosen else "int8"
+    key = (precision, target or "cpu")
+    if key not in PRESETS:
+        ok = ", ".join(f"--{p} --target {t}" for p, t in PRESETS)
+        raise DeployKitError(f"no built-in recipe for --{precision} --target {target}", fix=f"use one of: {ok}")
+    return PRESETS[key]
 
 
 @app.command()
@@ -74,7 +91,10 @@ def compress(
     from .recipe import load_recipe
 
     try:
-        r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32)).with_overrides({
+        tgt = target.value if target else None
+        r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32, tgt))
+        calib_stage = "quantize_tensorrt" if r.stage("quantize_tensorrt") else "quantize_onnx"
+        r = r.with_overrides({
             "target": target.value if target else None,
             "data.name": data,
             "data.calibration_images": calibration_images,
@@ -86,7 +106,7 @@ def compress(
             "model.trust_pickle": trust_pickle or None,
             "eval.enabled": False if no_eval else None,
             "eval.threads": threads,
-            "stages.quantize_onnx.method": calibration_method.value if calibration_method else None,
+            f"stages.{calib_stage}.method": calibration_method.value if calibration_method else None,
         })
         if dry_run:
             typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)
