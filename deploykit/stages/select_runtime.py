@@ -1,0 +1,315 @@
+"""Pick the CPU runtime by measurement: every candidate is evaluated and timed here, the fastest within budget ships.
+
+Candidates (those whose model exists in the work directory):
+
+=====================  ===========  ==========================  =================
+variant                runtime      model                       FP32 counterpart
+=====================  ===========  ==========================  =================
+onnxruntime-fp32       onnxruntime  model.fp32.onnx             (the reference)
+onnxruntime-int8       onnxruntime  quantize_onnx's QDQ ONNX    onnxruntime-fp32
+openvino-fp32          openvino     model.fp32.onnx, f32 forced onnxruntime-fp32
+openvino-bf16          openvino     model.fp32.onnx, bf16 hint  openvino-fp32
+openvino-int8          openvino     quantize_openvino's model   openvino-fp32
+openvino-int8-onnx     openvino     NNCF's Q/DQ ONNX (both)     openvino-fp32
+openvino-qdq           openvino     quantize_onnx's QDQ ONNX    openvino-fp32
+=====================  ===========  ==========================  =================
+
+Rules (``choose_runtime``, pure and tested on recorded numbers): a variant is eligible when it meets the
+accuracy budget and is no slower than its FP32 counterpart at any timed batch size; the eligible one with
+the lowest score wins (score = geometric mean over batch sizes of latency / reference latency, or one
+batch size's latency). ``force`` overrides the choice but the table still shows every number.
+
+Example:
+    >>> choose_runtime(rows, reference="onnxruntime-fp32")["chosen"]
+    'openvino-int8'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..errors import RecipeError
+from ..recipe import StageConfig
+from .base import PipelineState, Stage, register
+
+REFERENCE = "onnxruntime-fp32"
+TORCH = "torch-eager-fp32"  # timed beside the candidates as a baseline; never a candidate itself
+VARIANTS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
+            "openvino-int8-onnx", "openvino-qdq")
+
+
+@dataclass
+class Candidate:
+    """One runtime variant: a model file on a backend with settings, and the FP32 variant it must beat."""
+
+    name: str
+    backend: str
+    model: Path
+    precision: str
+    counterpart: str | None
+    settings: dict = field(default_factory=dict)
+
+    def create(self, threads: int | None):
+        from ..backends import create_backend
+
+        return create_backend(self.backend, self.model, threads=threads, precision=self.precision, **self.settings)
+
+
+def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: str = "balanced",
+                   force: str | None = None) -> dict:
+    """Choose among measured candidates; pure function of the numbers in ``rows``.
+
+    Args:
+        rows: one dict per candidate with ``name``, ``counterpart`` (name or None), ``meets_budget`` (bool),
+            ``latency_ms`` ({"bs1": ms, "bs32": ms, ...}, medians).
+        reference: the row every score is relative to (ONNX Runtime FP32).
+        objective: "balanced" (geometric mean over batch sizes of latency / reference), "latency" (smallest
+            batch), "throughput" (largest batch).
+        force: a row name to ship whatever the numbers say.
+    Returns:
+        {"chosen": name, "reason": str, "verdicts": {name: "eligible" | why not}, "scores": {name: float}}.
+
+    Example:
+        >>> choose_runtime([{"name": "onnxruntime-fp32", "counterpart": None, "meets_budget": True,
+        ...                  "latency_ms": {"bs1": 10.0}}])["chosen"]
+        'onnxruntime-fp32'
+    """
+    by_name = {r["name"]: r for r in rows}
+    if reference not in by_name:
+        raise ValueError(f"reference {reference!r} was not measured (have {sorted(by_name)})")
+    if objective not in ("balanced", "latency", "throughput"):
+        raise ValueError(f"objective {objective!r} not one of balanced, latency, throughput")
+    ref = by_name[reference]["latency_ms"]
+    keys = sorted(ref, key=lambda k: int(k[2:]))  # "bs1" < "bs32"
+    if objective == "latency":
+        keys = keys[:1]
+    elif objective == "throughput":
+        keys = keys[-1:]
+
+    scores, verdicts = {}, {}
+    for r in rows:
+        lat = r["latency_ms"]
+        scores[r["name"]] = round(math.exp(sum(math.log(lat[k] / ref[k]) for k in keys) / len(keys)), 4)
+        cp = by_name.get(r["counterpart"]) if r.get("counterpart") else None
+        slower = [k for k in lat if cp is not None and k in cp["latency_ms"] and lat[k] > cp["latency_ms"][k]]
+        if not r["meets_budget"]:
+            note = f" ({r['budget_note']})" if r.get("budget_note") else ""
+            verdicts[r["name"]] = "outside the accuracy budget" + note
+        elif slower:
+            verdicts[r["name"]] = (f"slower than its FP32 counterpart {cp['name']} at "
+                                   + ", ".join(f"{k} ({lat[k]:.2f} vs {cp['latency_ms'][k]:.2f} ms)" for k in slower)
+                                   + ": did not pay")
+        else:
+            verdicts[r["name"]] = "eligible"
+
+    if force is not None:
+        if force not in by_name:
+            raise RecipeError(f"select_runtime force={force!r} is not among the measured candidates {sorted(by_name)}",
+                              fix="pick one of those names, or build its model with the stage that makes it")
+        note = "" if verdicts[force] == "eligible" else f"; WARNING: it is {verdicts[force]}"
+        return {"chosen": force, "reason": f"forced by the recipe (force: {force}){note}", "verdicts": verdicts,
+                "scores": scores}
+
+    eligible = [r["name"] for r in rows if verdicts[r["name"]] == "eligible"]
+    if not eligible:  # the reference itself failed the budget: nothing safe to choose but the float reference
+        return {"chosen": reference, "reason": "no candidate met the budget; shipping the FP32 reference",
+                "verdicts": verdicts, "scores": scores}
+    # min() keeps the first of equal scores, and rows come simplest-first, so a tie goes to the simpler variant
+    best = min(eligible, key=lambda n: scores[n])
+    what = {"balanced": f"geometric-mean latency over {', '.join(keys)}", "latency": f"{keys[0]} latency",
+            "throughput": f"{keys[0]} latency"}[objective]
+    speed = ", ".join(f"{k} {by_name[best]['latency_ms'][k]:.2f} ms ({ref[k] / by_name[best]['latency_ms'][k]:.2f}x "
+                      f"{reference})" for k in sorted(by_name[best]["latency_ms"], key=lambda k: int(k[2:])))
+    return {"chosen": best, "reason": f"fastest of {len(eligible)} eligible variants by {what}: {speed}",
+            "verdicts": verdicts, "scores": scores}
+
+
+def time_in_blocks(fns: dict, x: np.ndarray, *, rounds: int = 6, block_runs: int = 5, warmup: int = 1,
+                   time_budget_s: float | None = None) -> dict[str, tuple[float, int]]:
+    """Median latency (ms) of each fn, timed in short blocks that alternate between fns round by round.
+
+    Why blocks and not run-by-run alternation: different runtimes keep their own thread pools, which
+    spin for a while after a call; on 2 shared cores the next runtime pays for that spinning (a tiny
+    resnet10t: OpenVINO 15.7 ms strictly alternated vs 6.3 ms in blocks). The untimed warm-up run at
+    the start of every block absorbs the switch; alternating blocks still spreads drifting load over all.
+
+    Returns:
+        {name: (median of the block medians in ms, timed runs)}.
+    """
+    import time
+
+    from ..timing import measure_interleaved
+
+    medians: dict[str, list[float]] = {n: [] for n in fns}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            medians[n].append(measure_interleaved({n: fns[n]}, x, warmup=warmup, runs=block_runs)[n].p50)
+        if time_budget_s and r >= 1 and time.perf_counter() - start > time_budget_s:
+            break
+    return {n: (round(float(np.median(v)), 4), len(v) * block_runs) for n, v in medians.items()}
+
+
+def collect_candidates(state: PipelineState, names: list[str] | None, bf16: str) -> list[Candidate]:
+    """The variants whose models exist: the float export always, INT8 ones when their stage ran."""
+    from ..backends.openvino_backend import cpu_capabilities
+
+    fp32 = state.onnx_fp32_path
+    ort_int8 = state.facts.get("quantize_onnx", {}).get("file")
+    ov_int8 = state.facts.get("quantize_openvino", {}).get("file")
+    ov_outputs = state.facts.get("quantize_openvino", {}).get("outputs", {})
+    ov = {"hint": "LATENCY"}
+    out = [Candidate("onnxruntime-fp32", "onnxruntime", fp32, "fp32", None),
+           Candidate("openvino-fp32", "openvino", fp32, "fp32", REFERENCE, dict(ov))]
+    if bf16 == "always" or (bf16 == "auto" and "BF16" in cpu_capabilities()):
+        out.append(Candidate("openvino-bf16", "openvino", fp32, "bf16", "openvino-fp32", dict(ov)))
+    if ort_int8:
+        out.append(Candidate("onnxruntime-int8", "onnxruntime", state.workdir / ort_int8, "int8", REFERENCE))
+    if ov_int8:
+        out.append(Candidate("openvino-int8", "openvino", state.workdir / ov_int8, "int8", "openvino-fp32", dict(ov)))
+    if ov_outputs.get("onnx") and ov_outputs["onnx"] != ov_int8:  # format: both -> NNCF's ONNX path measured too
+        out.append(Candidate("openvino-int8-onnx", "openvino", state.workdir / ov_outputs["onnx"], "int8",
+                             "openvino-fp32", dict(ov)))
+    if ort_int8:
+        out.append(Candidate("openvino-qdq", "openvino", state.workdir / ort_int8, "int8", "openvino-fp32", dict(ov)))
+    if names is not None:
+        out = [c for c in out if c.name in names or c.name == REFERENCE]
+    return out
+
+
+@register("select_runtime")
+class SelectRuntime(Stage):
+    """Evaluate and time every CPU runtime variant; ship the fastest one within the accuracy budget."""
+
+    class Config(StageConfig):
+        candidates: list[Literal[VARIANTS]] | None = Field(None, description="None = every variant whose model exists")
+        force: Literal[VARIANTS] | None = Field(None, description="ship this variant whatever the measurements say")
+        objective: Literal["balanced", "latency", "throughput"] = "balanced"
+        bf16: Literal["auto", "always", "never"] = Field("auto",
+                                                         description="auto: a candidate only where the CPU has BF16")
+        max_top1_drop: float = Field(0.5, ge=0, description="points of top-1 below FP32 allowed (with --data)")
+        min_top1_agreement: float = Field(90.0, ge=0, le=100, description="% top-1 agreement with FP32 required")
+        eval_images: int | None = Field(None, ge=1, description="evaluation images per candidate; None = all")
+        batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+        rounds: int = Field(6, ge=1, description="timing rounds; each round times every candidate once, in a block")
+        block_runs: int = Field(5, ge=1, description="timed runs per candidate per round (the block's median counts)")
+        warmup_runs: int = Field(1, ge=0, description="untimed runs at the start of every block")
+        time_budget_s: float = Field(60.0, gt=0, description="per batch size: stop after the round that passes it "
+                                                             "(at least 2 rounds)")
+        threads: int | None = Field(None, ge=1, description="None = physical cores")
+        time_torch: bool = Field(True, description="also time PyTorch eager FP32 (the original model) as a baseline")
+
+    def run(self, state: PipelineState) -> dict:
+        from ..evaluate import classification_metrics, fidelity
+        c = self.config
+        if state.target != "cpu":
+            return {"skipped": f"target {state.target!r} is not cpu"}
+        if state.onnx_fp32_path is None:
+            raise RecipeError("select_runtime needs the float ONNX model",
+                              fix="put export_onnx before it in the recipe")
+        cands = collect_candidates(state, c.candidates, c.bf16)
+        backends = {cand.name: cand.create(c.threads) for cand in cands}
+        timed = {n: be.run for n, be in backends.items()}
+        if c.time_torch:
+            from ..backends import create_backend
+
+            timed[TORCH] = create_backend("torch", state.teacher, threads=c.threads).run
+
+        # Accuracy: every candidate on the same inputs, batch by batch (each batch preprocessed once).
+        logits: dict[str, list[np.ndarray]] = {n: [] for n in backends}
+        labels = None
+        if state.data is not None:
+            images = state.data.eval.head(c.eval_images, seed=0)
+            labels = images.labels
+            for x, _ in images.batches(state.preprocessing, 256):
+                for n, be in backends.items():
+                    logits[n].append(be.run(x))
+        else:
+            x = state.check_inputs()
+            for i in range(0, len(x), 64):
+                for n, be in backends.items():
+                    logits[n].append(be.run(x[i:i + 64]))
+        out = {n: np.concatenate(v) for n, v in logits.items()}
+
+        # Speed: all candidates interleaved run by run, so load on this shared machine hits them alike.
+        sample = state.check_inputs()
+        latency: dict[str, dict[str, float]] = {n: {} for n in timed}
+        runs: dict[str, dict[str, int]] = {n: {} for n in timed}
+        for bs in c.batch_sizes:
+            xb = np.resize(sample, (bs, *sample.shape[1:])).astype(np.float32)
+            stats = time_in_blocks(timed, xb, rounds=c.rounds, block_runs=c.block_runs, warmup=c.warmup_runs,
+                                   time_budget_s=c.time_budget_s)
+            for n, (p50, count) in stats.items():
+                latency[n][f"bs{bs}"] = p50
+                runs[n][f"bs{bs}"] = count
+
+        ref_out = out[REFERENCE]
+        ref_top1 = None
+        rows = []
+        for cand in cands:
+            fid = fidelity(ref_out, out[cand.name])
+            row: dict[str, Any] = {
+                "name": cand.name, "backend": cand.backend, "model": cand.model.name, "precision": cand.precision,
+                "settings": cand.settings, "counterpart": cand.counterpart, "latency_ms": latency[cand.name],
+                "runs": runs[cand.name], "top1_agreement": fid["top1_agreement"], "sqnr_db": fid["sqnr_db"],
+                "top1": None, "runtime": backends[cand.name].info(),
+            }
+            if TORCH in latency:
+                row["speedup_vs_torch_eager"] = {k: round(latency[TORCH][k] / v, 3)
+                                                 for k, v in latency[cand.name].items()}
+            notes = []
+            if fid["top1_agreement"] < c.min_top1_agreement:
+                notes.append(f"agreement {fid['top1_agreement']:.2f}% < {c.min_top1_agreement}%")
+            if labels is not None:
+                row["top1"] = classification_metrics(out[cand.name], labels, int(ref_out.shape[1]))["top1"]
+                ref_top1 = ref_top1 if ref_top1 is not None else classification_metrics(ref_out, labels,
+                                                                                          int(ref_out.shape[1]))["top1"]
+                row["top1_drop"] = round(ref_top1 - row["top1"], 4)
+                if row["top1_drop"] > c.max_top1_drop:
+                    notes.append(f"top-1 drop {row['top1_drop']:.2f} > {c.max_top1_drop} points")
+            row["meets_budget"] = not notes
+            row["budget_note"] = "; ".join(notes)
+            rows.append(row)
+
+        decision = choose_runtime(rows, objective=c.objective, force=c.force)
+        for row in rows:
+            row["verdict"] = decision["verdicts"][row["name"]]
+            row["score"] = decision["scores"][row["name"]]
+        chosen = next(cand for cand in cands if cand.name == decision["chosen"])
+        self._apply(state, chosen, rows)
+        state.log(f"select_runtime: {chosen.name} ({decision['reason']})")
+        return {"chosen": chosen.name, "reason": decision["reason"], "objective": c.objective,
+                "inputs": int(len(ref_out)), "inputs_kind": "evaluation images" if labels is not None
+                else "held-out synthetic inputs", "threads": backends[REFERENCE].threads, "candidates": rows,
+                "baselines": {TORCH: {"latency_ms": latency[TORCH], "runs": runs[TORCH]}} if TORCH in latency else {},
+                "int8_paid": _int8_paid(rows)}
+
+    @staticmethod
+    def _apply(state: PipelineState, chosen: Candidate, rows: list[dict]) -> None:
+        """Record the choice. ``runtime["model"]`` names the file to ship; ``onnx_path`` stays an ONNX file."""
+        from .quantize_openvino import model_files
+
+        files = {chosen.backend: chosen.model.name}
+        # the fastest eligible ONNX for ONNX Runtime, so DEPLOYKIT_BACKEND=onnxruntime still has a model to run
+        ort = [r for r in rows if r["backend"] == "onnxruntime" and r["verdict"] == "eligible"]
+        if chosen.backend != "onnxruntime" and ort:
+            files["onnxruntime"] = min(ort, key=lambda r: r["score"])["model"]
+        state.runtime = {"backend": chosen.backend, "settings": dict(chosen.settings), "model": chosen.model.name,
+                         "variant": chosen.name, "files": files, "model_files": model_files(chosen.model)}
+        state.precision = chosen.precision
+        if chosen.model.suffix == ".onnx":
+            state.onnx_path = chosen.model
+        # else (an IR): onnx_path keeps the latest ONNX, so code that expects model.onnx keeps working
+
+
+def _int8_paid(rows: list[dict]) -> dict[str, bool]:
+    """For each INT8/BF16 variant: was it faster than its FP32 counterpart at every batch size?"""
+    by = {r["name"]: r for r in rows}
+    return {r["name"]: all(v < by[r["counterpart"]]["latency_ms"][k] for k, v in r["latency_ms"].items())
+            for r in rows if r["precision"] != "fp32" and r["counterpart"] in by}

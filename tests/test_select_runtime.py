@@ -1,0 +1,169 @@
+"""select_runtime: the choice on recorded timings (pure), block timing on real sleeps, and one real end-to-end run."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+
+from deploykit.errors import DeployKitError, RecipeError
+from deploykit.stages.select_runtime import choose_runtime, time_in_blocks
+
+
+def row(name, counterpart, bs1, bs32, ok=True):
+    return {"name": name, "counterpart": counterpart, "meets_budget": ok, "latency_ms": {"bs1": bs1, "bs32": bs32}}
+
+
+# Recorded on the AVX-512 VNNI machine, timm resnet50 224, 2 threads (issue 8's table).
+RESNET50 = [
+    row("onnxruntime-fp32", None, 29.5, 876),
+    row("openvino-fp32", "onnxruntime-fp32", 29.9, 883),
+    row("openvino-bf16", "openvino-fp32", 49.5, 1551),
+    row("onnxruntime-int8", "onnxruntime-fp32", 10.4, 276),
+    row("openvino-int8", "openvino-fp32", 8.4, 222),
+]
+
+
+def test_picks_the_fastest_variant_within_budget():
+    d = choose_runtime(RESNET50)
+    assert d["chosen"] == "openvino-int8"
+    assert d["scores"]["openvino-int8"] == pytest.approx(np.sqrt(8.4 / 29.5 * 222 / 876), rel=1e-3)
+    assert "3.51x onnxruntime-fp32" in d["reason"] and "3.95x" in d["reason"]
+    # the same table with OpenVINO INT8 outside the accuracy budget: the next fastest ships
+    rows = copy.deepcopy(RESNET50)
+    rows[-1]["meets_budget"] = False
+    d = choose_runtime(rows)
+    assert d["chosen"] == "onnxruntime-int8"
+    assert d["verdicts"]["openvino-int8"] == "outside the accuracy budget"
+
+
+def test_never_picks_a_variant_slower_than_its_fp32_counterpart():
+    # bf16 without AMX: slower than f32 at both sizes -> reported as not paying, never chosen
+    d = choose_runtime(RESNET50)
+    assert d["verdicts"]["openvino-bf16"].startswith("slower than its FP32 counterpart openvino-fp32 at bs1 "
+                                                     "(49.50 vs 29.90 ms), bs32 (1551.00 vs 883.00 ms)")
+    # quantize_static defaults: equal at bs1, slower at bs32 -> excluded even though nothing else is faster
+    rows = [row("onnxruntime-fp32", None, 29.5, 876), row("onnxruntime-int8", "onnxruntime-fp32", 29.5, 1072)]
+    assert choose_runtime(rows)["chosen"] == "onnxruntime-fp32"
+    # faster on the geometric mean (and at bs32), but slower at bs1: still never chosen
+    rows = [row("onnxruntime-fp32", None, 0.65, 64.0), row("onnxruntime-int8", "onnxruntime-fp32", 0.75, 39.4)]
+    d = choose_runtime(rows)
+    assert d["scores"]["onnxruntime-int8"] < d["scores"]["onnxruntime-fp32"]
+    assert d["chosen"] == "onnxruntime-fp32"
+    assert "did not pay" in d["verdicts"]["onnxruntime-int8"]
+
+
+def test_objective_decides_between_latency_and_throughput_winners():
+    rows = [row("onnxruntime-fp32", None, 10.0, 300), row("openvino-fp32", "onnxruntime-fp32", 9.0, 290),
+            row("onnxruntime-int8", "onnxruntime-fp32", 4.0, 200), row("openvino-int8", "openvino-fp32", 5.0, 100)]
+    assert choose_runtime(rows, objective="latency")["chosen"] == "onnxruntime-int8"
+    assert choose_runtime(rows, objective="throughput")["chosen"] == "openvino-int8"
+    assert choose_runtime(rows, objective="balanced")["chosen"] == "openvino-int8"  # sqrt(.5*.33) < sqrt(.4*.67)
+
+
+def test_honours_an_override_and_says_when_it_is_outside_the_rules():
+    d = choose_runtime(RESNET50, force="onnxruntime-fp32")
+    assert d["chosen"] == "onnxruntime-fp32" and d["reason"] == "forced by the recipe (force: onnxruntime-fp32)"
+    d = choose_runtime(RESNET50, force="openvino-bf16")
+    assert d["chosen"] == "openvino-bf16" and "WARNING: it is slower than its FP32 counterpart" in d["reason"]
+    with pytest.raises(RecipeError, match=r"force='openvino-qdq' is not among the measured candidates .*Fix: "):
+        choose_runtime(RESNET50, force="openvino-qdq")
+
+
+def test_nothing_within_budget_ships_the_fp32_reference():
+    rows = [row("onnxruntime-fp32", None, 29.5, 876, ok=False), row("onnxruntime-int8", "onnxruntime-fp32", 10, 276,
+                                                                     ok=False)]
+    d = choose_runtime(rows)
+    assert d["chosen"] == "onnxruntime-fp32" and "no candidate met the budget" in d["reason"]
+    with pytest.raises(ValueError, match="reference 'onnxruntime-fp32' was not measured"):
+        choose_runtime(rows[1:])
+
+
+def test_time_in_blocks_measures_real_durations():
+    def sleeper(ms):
+        return lambda x: time.sleep(ms / 1000)
+
+    stats = time_in_blocks({"fast": sleeper(2), "slow": sleeper(8)}, np.zeros(1), rounds=3, block_runs=3, warmup=1)
+    (fast, n_fast), (slow, n_slow) = stats["fast"], stats["slow"]
+    assert n_fast == n_slow == 9
+    assert 2.0 <= fast < 6.0 and 8.0 <= slow < 14.0  # sleep never returns early; a loaded CPU may add a little
+    assert slow / fast > 1.8
+
+
+# ---- one real run of the stage: tiny model, real Fashion-MNIST, real ONNX Runtime and OpenVINO -------------------
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from deploykit.data import DataSplits
+    from deploykit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+    from deploykit.preprocessing import Preprocessing
+    from deploykit.stages import PipelineState
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)).eval()
+    pre = Preprocessing(input_size=(1, 28, 28), mean=(MEAN,), std=(STD,), class_names=[str(i) for i in range(10)])
+    # disjoint slices of the test split: reading the 60k training file would cost more than the whole test
+    test = load_fashion_mnist("test")
+    idx = np.random.default_rng(0).permutation(len(test))
+    data = DataSplits("fashion-mnist", train=test.subset(idx[300:364]), calibration=test.subset(idx[300:364]),
+                      eval=test.subset(idx[:300]))
+    st = PipelineState(model=model, teacher=model, preprocessing=pre, workdir=tmp_path_factory.mktemp("art"),
+                       data=data, log=lambda msg: None)
+    st.calibration_fn = lambda: data.calibration.load(pre, np.arange(64))
+    st.check_fn = lambda: data.eval.head(64, seed=1).load(pre, np.arange(64))
+    return st
+
+
+def _run_stages(state, **select):
+    from deploykit.stages import STAGES
+
+    fast = dict(rounds=2, block_runs=2, batch_sizes=[1, 8], time_torch=False)
+    for name, cfg in (("export_onnx", {}), ("quantize_onnx", {}),
+                      ("quantize_openvino", {"subset_size": 64, "format": "both"}),
+                      ("select_runtime", {**fast, **select})):
+        if name in state.facts and name != "select_runtime":
+            continue
+        stage = STAGES.get(name)
+        state.facts[name] = stage(stage.Config(**cfg)).run(state)
+    return state.facts["select_runtime"]
+
+
+def test_stage_measures_every_candidate_and_records_its_choice(state):
+    facts = _run_stages(state)
+    rows = {r["name"]: r for r in facts["candidates"]}
+    assert {"onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8", "openvino-int8-onnx",
+            "openvino-qdq"} <= set(rows)
+    assert (rows["openvino-int8"]["model"], rows["openvino-int8-onnx"]["model"]) == ("model.ov.xml",
+                                                                                      "model.nncf.int8.onnx")
+    assert facts["inputs"] == 300 and facts["inputs_kind"] == "evaluation images"
+    for r in rows.values():
+        assert set(r["latency_ms"]) == {"bs1", "bs8"} and all(v > 0 for v in r["latency_ms"].values())
+        assert r["top1_agreement"] >= 90.0 and r["top1"] is not None
+    assert rows["openvino-fp32"]["top1_agreement"] == 100.0 and rows["openvino-fp32"]["sqnr_db"] > 60
+    chosen = rows[facts["chosen"]]
+    assert chosen["verdict"] == "eligible"
+    eligible = [r for r in rows.values() if r["verdict"] == "eligible"]
+    assert chosen["score"] == min(r["score"] for r in eligible)
+    rt = state.runtime
+    assert (rt["backend"], rt["variant"], rt["model"]) == (chosen["backend"], chosen["name"], chosen["model"])
+    assert state.precision == chosen["precision"] and state.onnx_path.suffix == ".onnx"
+    assert (state.workdir / rt["model"]).is_file()
+
+
+def test_stage_override_ships_the_forced_variant_with_its_ir(state):
+    facts = _run_stages(state, force="openvino-int8")
+    assert facts["chosen"] == "openvino-int8" and facts["reason"].startswith("forced by the recipe")
+    assert state.runtime["model"] == "model.ov.xml" and state.runtime["model_files"] == ["model.ov.xml", "model.ov.bin"]
+    assert state.runtime["files"]["openvino"] == "model.ov.xml"
+    assert state.precision == "int8" and state.onnx_path.suffix == ".onnx"  # the current api still finds an ONNX
+
+
+def test_unknown_override_is_rejected_by_the_recipe_schema():
+    from deploykit.recipe import load_recipe
+
+    with pytest.raises(DeployKitError, match="force"):
+        load_recipe("int8-ptq").with_overrides({"stages.select_runtime.force": "tensorrt-int8"})
