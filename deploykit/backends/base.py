@@ -16,6 +16,7 @@ BACKENDS: Registry[type["Backend"]] = Registry(
         "deploykit.backends.torch_backend",
         "deploykit.backends.onnxruntime_backend",
         "deploykit.backends.openvino_backend",
+        "deploykit.backends.tensorrt_backend",
     ),
 )
 

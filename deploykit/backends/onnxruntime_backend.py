@@ -19,6 +19,24 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def select_providers(device: str, have: list[str]) -> tuple[list[str], str]:
+    """Execution providers for ``device`` in the stated fallback order TensorRT > CUDA > CPU, with a one-line reason.
+
+    Example:
+        >>> select_providers("gpu", ["CPUExecutionProvider"])[1]
+        'CPU only: this onnxruntime has no GPU providers (install onnxruntime-gpu instead of onnxruntime)'
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"], "CPU requested"
+    gpu = [p for p in GPU_PROVIDERS if p in have]
+    if not gpu:
+        return ["CPUExecutionProvider"], ("CPU only: this onnxruntime has no GPU providers "
+                                          "(install onnxruntime-gpu instead of onnxruntime)")
+    missing = [p for p in GPU_PROVIDERS if p not in have]
+    why = f"{gpu[0]} first" + (f" ({', '.join(missing)} not in this onnxruntime)" if missing else "")
+    return [*gpu, "CPUExecutionProvider"], why
+
+
 @BACKENDS.register("onnxruntime")
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
@@ -37,11 +55,13 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.provider_reason = "providers given by the caller"
         if providers is None:
-            have = available_providers()
-            providers = [p for p in GPU_PROVIDERS if p in have] if device != "cpu" else []
-            providers.append("CPUExecutionProvider")
+            providers, self.provider_reason = select_providers(device, available_providers())
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        if self.session.get_providers()[0] != providers[0]:  # e.g. CUDA EP present but no driver/GPU
+            self.provider_reason = (f"{providers[0]} failed to initialise, fell back to "
+                                    f"{self.session.get_providers()[0]}")
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
 
@@ -51,4 +71,5 @@ class OnnxRuntimeBackend(Backend):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "version": self.version, "threads": self.threads,
-                "providers": self.session.get_providers(), "model": self.path.name}
+                "providers": self.session.get_providers(), "provider_reason": self.provider_reason,
+                "model": self.path.name}
