@@ -1,0 +1,313 @@
+"""The BentoML service: `bentoml serve deploykit.serving:Classifier` serves a deploykit artifact.
+
+Two services, one command. ``Classifier`` (HTTP front) decodes uploads, applies the artifact's exact
+preprocessing and builds the TTA views; ``ClassifierModel`` holds the runtime and exposes one
+adaptive-batching API, so the views of one request and the requests of concurrent clients reach
+``backend.run`` together. (A batchable BentoML API takes exactly one argument, so per-request ``tta``
+and ``top_k`` could not live on a batchable front endpoint: see docs/serving.md.)
+
+Configuration (environment, read at import in every worker):
+    DEPLOYKIT_ARTIFACT   artifact directory to serve (wins over the model store)
+    DEPLOYKIT_MODEL      BentoML store tag when DEPLOYKIT_ARTIFACT is unset (default deploykit-classifier:latest)
+    DEPLOYKIT_BACKEND    runtime override (default: the one the artifact's manifest names)
+    DEPLOYKIT_THREADS    intra-op threads per model worker (default: (physical cores - front workers) / model workers)
+    DEPLOYKIT_TTA        views, e.g. "original,hflip,scale:0.9,scale:1.1" (default) or "none"
+    DEPLOYKIT_TTA_DEFAULT  "true"/"false": TTA for requests that do not say (default true)
+    DEPLOYKIT_BATCHING   "0" turns adaptive batching off (for the load-test comparison)
+    DEPLOYKIT_MAX_BATCH_SIZE / DEPLOYKIT_MAX_LATENCY_MS   adaptive batching bounds (default 64 / 1000)
+    DEPLOYKIT_WORKERS / DEPLOYKIT_MODEL_WORKERS   processes per service (default 1 / 1)
+    DEPLOYKIT_MAX_PIXELS / DEPLOYKIT_MAX_BYTES / DEPLOYKIT_MAX_IMAGES   input limits
+
+Example:
+    $ DEPLOYKIT_ARTIFACT=ckpt.deploykit bentoml serve deploykit.serving:Classifier --port 3000
+    $ curl -F image=@shoe.png -F top_k=3 http://127.0.0.1:3000/classify
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import typing as t  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from ..artifact import Artifact  # noqa: E402
+from . import decode, store, tta  # noqa: E402
+
+logger = logging.getLogger("bentoml.deploykit")
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None or v == "" else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+BATCHING = _env_bool("DEPLOYKIT_BATCHING", True)
+MAX_BATCH_SIZE = int(os.environ.get("DEPLOYKIT_MAX_BATCH_SIZE", 64))
+# Generous on purpose: BentoML's dispatcher answers 503 to a request queued longer than this, and a
+# shared 2-core machine has multi-100-ms hiccups. Batches still form after ~ms, not after this bound.
+MAX_LATENCY_MS = int(os.environ.get("DEPLOYKIT_MAX_LATENCY_MS", 1000))
+WORKERS = int(os.environ.get("DEPLOYKIT_WORKERS", 1))
+MODEL_WORKERS = int(os.environ.get("DEPLOYKIT_MODEL_WORKERS", 1))
+MAX_IMAGES = int(os.environ.get("DEPLOYKIT_MAX_IMAGES", 32))
+TTA_VIEWS = tta.parse_views(os.environ.get("DEPLOYKIT_TTA"))
+TTA_DEFAULT = _env_bool("DEPLOYKIT_TTA_DEFAULT", True)
+INFER_RETRIES = 2
+
+
+def model_threads() -> int:
+    """Intra-op threads per model worker: DEPLOYKIT_THREADS, else the physical cores left after one per
+    front worker (decode + preprocessing), shared by the model workers: 1 on a 2-core machine."""
+    if os.environ.get("DEPLOYKIT_THREADS"):
+        return max(1, int(os.environ["DEPLOYKIT_THREADS"]))
+    from ..backends.base import physical_cores
+
+    return max(1, (physical_cores() - WORKERS) // MODEL_WORKERS)
+
+
+# Declared only when serving from the store, so `bentoml build` packages the model and the container
+# needs no loose path; with DEPLOYKIT_ARTIFACT set nothing is declared (nothing to resolve at startup).
+_STORE_MODEL = None if store.artifact_env() else bentoml.models.BentoModel(store.model_tag())
+
+
+def _artifact_dir(svc: t.Any) -> Path:
+    path = store.artifact_env()
+    return Path(path) if path else store.stored_artifact_dir(svc.stored_model)
+
+
+class ClientError(Exception):
+    """A request we refuse: answered as {"error": message} with a 4xx status, logged as one line."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        logger.warning("refused status=%d error=%s", self.status, self)
+        return JSONResponse({"error": str(self)}, status_code=self.status)
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Classification(BaseModel):
+    predictions: list[Prediction] = Field(description="top-k classes, most probable first")
+    tta_views: int = Field(description="views averaged (1 = no test-time augmentation)")
+
+
+FIELDS = {"/classify": ("image", "top_k", "tta"), "/classify_batch": ("images", "top_k", "tta")}
+_PART_NAME = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"', re.IGNORECASE)
+
+
+def form_problem(path: str, content_type: str, body: bytes) -> tuple[int, str] | None:
+    """What is wrong with a classify request's form, as (status, message), or None if its shape is right.
+
+    Checked before BentoML parses the form: BentoML answers an unknown file field with a 500
+    (it tries to read the bytes as UTF-8 text), and would read a JSON body's string as a file.
+    """
+    ctype = content_type.split(";")[0].strip().lower()
+    field = FIELDS[path][0]
+    if ctype != "multipart/form-data":
+        return 415, (f"content type {ctype or '(none)'!r} is not accepted. Fix: send multipart/form-data with the "
+                     f"image in field '{field}', e.g. curl -F {field}=@photo.jpg")
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return 400, "multipart/form-data without a boundary. Fix: let your HTTP client build the form (curl -F)"
+    names = []
+    for part in body.split(b"--" + m.group(1).encode("latin-1"))[1:]:
+        found = _PART_NAME.search(part.split(b"\r\n\r\n", 1)[0])
+        if found:
+            names.append(found.group(1).decode("utf-8", "replace"))
+    unknown = sorted(set(names) - set(FIELDS[path]))
+    if unknown:
+        return 400, (f"unknown form field(s) {', '.join(map(repr, unknown))}; {path} takes "
+                     f"{', '.join(FIELDS[path])}. Fix: send the image as -F {field}=@photo.jpg")
+    if field not in names:
+        return 400, f"form field '{field}' is missing. Fix: send the image as -F {field}=@photo.jpg"
+    return None
+
+
+class CheckForm:
+    """ASGI middleware for the classify endpoints: 415 unless multipart/form-data, 413 over the byte limit,
+    400 for a missing or unknown field; the buffered body is then replayed to BentoML unchanged."""
+
+    def __init__(self, app, **_):
+        self.app = app
+        self.limit = decode.max_bytes() * MAX_IMAGES + 1024 * 1024
+
+    async def __call__(self, scope, receive, send):
+        if not (scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in FIELDS):
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                problem = (413, f"request body is over the {self.limit}-byte limit. Fix: send smaller or fewer images")
+                break
+        else:
+            problem = form_problem(scope["path"], headers.get("content-type", ""), b"".join(chunks))
+        if problem:
+            await ClientError(problem[1], problem[0]).response()(scope, receive, send)
+            return
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+@bentoml.service(name="deploykit-model", workers=MODEL_WORKERS, threads=1, traffic={"timeout": 60})
+class ClassifierModel:
+    """The artifact's model on its runtime, behind one adaptive-batching API (logits for NCHW inputs)."""
+
+    stored_model = _STORE_MODEL
+
+    def __init__(self) -> None:
+        self.artifact = Artifact.open(_artifact_dir(self))
+        self.backend = self.artifact.backend(threads=model_threads())
+        pre = self.artifact.preprocessing
+        self.backend.run(np.zeros((1, *pre.input_size), np.float32))  # first-call allocations before /readyz
+        logger.info("deploykit model ready: artifact=%s backend=%s", self.artifact.path, self.backend.info())
+
+    @bentoml.api(batchable=BATCHING, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """float32 NCHW (already preprocessed, TTA views included) -> float32 logits."""
+        return self.backend.run(x)
+
+    @bentoml.api
+    def info(self) -> dict:
+        return {"artifact": str(self.artifact.path), "backend": self.backend.info(),
+                "runtime": self.artifact.runtime, "batching": BATCHING,
+                "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
+
+
+@bentoml.service(name="deploykit-classifier", workers=WORKERS, traffic={"timeout": 60},
+                 metrics={"enabled": True})
+class Classifier:
+    """Image in, top-k labels with probabilities out; TTA views scored in one batched model call."""
+
+    stored_model = _STORE_MODEL
+    model = bentoml.depends(ClassifierModel)
+
+    def __init__(self) -> None:
+        self.artifact = Artifact.open(_artifact_dir(self))
+        self.pre = self.artifact.preprocessing
+        self.class_names = list(self.pre.class_names)  # empty: labels are the class indices
+        logger.info("deploykit classifier ready: views=%s tta_default=%s", TTA_VIEWS, TTA_DEFAULT)
+
+    @staticmethod
+    def _check_top_k(top_k: int, n: int) -> None:
+        if not 1 <= top_k <= n:
+            raise ClientError(f"top_k must be between 1 and {n} (the model has {n} classes), got {top_k}. "
+                              f"Fix: send top_k in 1..{n}")
+
+    def _options(self, top_k: int, use_tta: t.Optional[bool]) -> tuple[int, tuple[str, ...]]:
+        self._check_top_k(top_k, len(self.class_names) or max(top_k, 1))
+        views = TTA_VIEWS if (TTA_DEFAULT if use_tta is None else use_tta) else ("original",)
+        return top_k, views
+
+    def _inputs(self, paths: list[Path], views: tuple[str, ...], field: str) -> np.ndarray:
+        """Decode + preprocess + TTA views for every upload (runs in a worker thread)."""
+        rows = []
+        for i, p in enumerate(paths):
+            name = field if len(paths) == 1 else f"{field}[{i}]"
+            try:
+                img = decode.decode_image(Path(p).read_bytes(), name=name)
+                x = self.pre.from_pil(img)
+            except decode.InputError as err:
+                raise ClientError(str(err), err.status) from None
+            except ValueError as err:  # e.g. a channel count the model cannot take
+                raise ClientError(f"{name}: {err}. Fix: send an RGB or grayscale image") from None
+            rows.append(tta.make_views(x, views))
+        return np.concatenate(rows)
+
+    async def _classify(self, paths: list[Path], top_k: int, use_tta: t.Optional[bool], field: str
+                        ) -> list[Classification]:
+        t0 = time.perf_counter()
+        k, views = self._options(top_k, use_tta)
+        x = await asyncio.to_thread(self._inputs, paths, views, field)
+        logits = await self._infer(x)  # all views of all images: one batch
+        probs = tta.softmax(tta.average_logits(np.asarray(logits), len(views)))
+        self._check_top_k(k, probs.shape[-1])
+        out = [Classification(predictions=tta.top_k(p, k, self.class_names), tta_views=len(views)) for p in probs]
+        logger.info("classified images=%d views=%d top1=%s ms=%.1f", len(paths), len(views),
+                    [o.predictions[0].label for o in out], (time.perf_counter() - t0) * 1e3)
+        return out
+
+    async def _infer(self, x: np.ndarray) -> np.ndarray:
+        """Call the model service; retry a dropped pooled connection (inference is idempotent).
+
+        BentoML's internal aiohttp client reuses keep-alive connections that the model worker's uvicorn
+        may already have closed: under concurrent load ~2-5% of calls fail with ServerDisconnectedError
+        (bentoml/BentoML#4971, fix proposed in #5698). A fresh attempt on a new connection succeeds.
+        """
+        import aiohttp
+
+        for attempt in range(INFER_RETRIES + 1):
+            try:
+                return await self.model.to_async.infer(x)
+            except (aiohttp.ClientConnectionError, RuntimeError) as err:
+                # aiohttp raises RuntimeError("Connection closed.") when the drop hits while reading the body
+                dropped = not isinstance(err, RuntimeError) or "Connection closed" in str(err)
+                if not dropped or attempt == INFER_RETRIES:
+                    raise
+                logger.warning("model call dropped (%s: %s), retry %d/%d", type(err).__name__, err, attempt + 1,
+                               INFER_RETRIES)
+        raise AssertionError("unreachable")
+
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, top_k: int = 5, tta: t.Optional[bool] = None) -> Classification:
+        """Classify one image (multipart field `image`); `tta` overrides the service default."""
+        try:
+            return (await self._classify([image], top_k, tta, "image"))[0]
+        except ClientError as err:
+            return err.response()
+
+    @bentoml.api(route="/classify_batch")
+    async def classify_batch(self, images: list[Path], top_k: int = 5, tta: t.Optional[bool] = None
+                             ) -> list[Classification]:
+        """Classify up to DEPLOYKIT_MAX_IMAGES images (repeated multipart field `images`) in one model call."""
+        try:
+            if len(images) > MAX_IMAGES:
+                raise ClientError(f"{len(images)} images is over the limit of {MAX_IMAGES} per request. Fix: "
+                                  f"split the request (or raise DEPLOYKIT_MAX_IMAGES)", 413)
+            return await self._classify(images, top_k, tta, "images")
+        except ClientError as err:
+            return err.response()
+
+    @bentoml.api(route="/metadata")
+    async def metadata(self) -> dict:
+        """Class names, preprocessing, TTA views and the model worker's runtime."""
+        return {"class_names": self.class_names, "preprocessing": self.pre.model_dump(mode="json"),
+                "tta_views": list(TTA_VIEWS), "tta_default": TTA_DEFAULT, "max_images": MAX_IMAGES,
+                "max_pixels": decode.max_pixels(), "model": await self.model.to_async.info()}
+
+
+Classifier.add_asgi_middleware(CheckForm)

@@ -1,0 +1,323 @@
+"""The real `bentoml serve deploykit.serving:Classifier` on 127.0.0.1, checked against the artifact run directly.
+
+One module-scoped artifact (a tiny random-weight timm ResNet compressed with the fp32 recipe) and one
+server subprocess (its own process group, always killed). Every answer is compared with running the
+same artifact backend in this process through the same decode -> preprocess -> TTA functions.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.serve
+requests = pytest.importorskip("requests")
+pytest.importorskip("bentoml")
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+
+from deploykit.serving.decode import decode_image  # noqa: E402
+from deploykit.serving.tta import DEFAULT_VIEWS, predict  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+PIXEL_LIMIT = 1_000_000
+READY_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from deploykit import compress
+    from deploykit.checkpoint import save_timm_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"channels": (8, 16, 32, 64)}
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
+    d = tmp_path_factory.mktemp("serve")
+    save_timm_checkpoint(d / "tiny.pth", arch="resnet10t", state_dict=m.state_dict(),
+                         args={"model": "resnet10t", "num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28),
+                               "mean": (0.286,), "std": (0.353,), "model_kwargs": kwargs})
+    return compress(d / "tiny.pth", "fp32", out=d / "tiny.deploykit", data__name="fashion-mnist",
+                    data__eval_images=100, eval__enabled=False).path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
+    """SIGTERM the server's process group, wait, then SIGKILL it: nothing survives the test."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (workers) of the group, if any
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(5)
+    return proc.returncode
+
+
+def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve deploykit.serving:Classifier` on a free 127.0.0.1 port, ready; its own process group."""
+    port = free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "DEPLOYKIT_THREADS": "1", **env}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "deploykit.serving:Classifier",
+                                 "--port", str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return proc, url
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(artifact), "DEPLOYKIT_MAX_PIXELS": str(PIXEL_LIMIT),
+                              "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}, log)
+    try:
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def direct(artifact):
+    """The same artifact, run in this process: the reference every server answer must match."""
+    from deploykit.artifact import Artifact
+
+    art = Artifact.open(artifact)
+    backend, pre = art.backend(threads=1), art.preprocessing
+
+    def run(data: bytes, views=DEFAULT_VIEWS, k=5):
+        return predict(backend, pre.from_pil(decode_image(data)), views, k, pre.class_names)[0]
+    return run
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def fmnist_pngs(n: int) -> tuple[list[bytes], np.ndarray]:
+    from deploykit.data.fashion_mnist import load_fashion_mnist
+
+    ds = load_fashion_mnist("test")
+    idx = np.arange(0, 10_000, 10_000 // n)[:n]
+    return [encode(Image.fromarray(ds.images[i])) for i in idx], ds.labels[idx]
+
+
+def classify(url: str, data: bytes, **form):
+    r = requests.post(f"{url}/classify", files={"image": ("x.png", data, "image/png")},
+                      data={k: str(v).lower() for k, v in form.items()}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_same(got: dict, want: dict, atol: float = 2e-5):
+    assert got["tta_views"] == want["tta_views"]
+    assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
+    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+    np.testing.assert_allclose([p["probability"] for p in got["predictions"]],
+                               [p["probability"] for p in want["predictions"]], atol=atol)
+
+
+def test_fashion_mnist_answers_match_the_artifact_run_directly(server, direct):
+    pngs, _ = fmnist_pngs(6)
+    for data in pngs:
+        assert_same(classify(server["url"], data), direct(data))                       # TTA on by default
+        no_tta = classify(server["url"], data, tta=False, top_k=3)
+        assert_same(no_tta, direct(data, ("original",), 3))
+        assert no_tta["tta_views"] == 1 and len(no_tta["predictions"]) == 3
+        assert sum(p["probability"] for p in classify(server["url"], data, top_k=10)["predictions"]) == \
+            pytest.approx(1.0, abs=1e-5)
+
+
+def test_photos_match_the_artifact_run_directly(server, direct):
+    skimage_data = pytest.importorskip("skimage.data")
+    for name in ("chelsea", "astronaut", "coffee"):
+        jpg = encode(Image.fromarray(getattr(skimage_data, name)()), "JPEG", quality=90)
+        assert_same(classify(server["url"], jpg), direct(jpg))
+
+
+def test_batch_endpoint_equals_single_requests(server, direct):
+    pngs, _ = fmnist_pngs(3)
+    r = requests.post(f"{server['url']}/classify_batch", data={"top_k": "2"}, timeout=30,
+                      files=[("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(pngs)])
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 3
+    for got, data in zip(r.json(), pngs):
+        assert_same(got, direct(data, k=2))
+    too_many = [("images", (f"{i}.png", pngs[0], "image/png")) for i in range(33)]
+    r = requests.post(f"{server['url']}/classify_batch", files=too_many, timeout=30)
+    assert r.status_code == 413 and "33 images is over the limit of 32" in r.json()["error"]
+
+
+def test_image_modes_are_converted_not_rejected(server, direct):
+    gray = np.asarray(Image.open(io.BytesIO(fmnist_pngs(1)[0][0])))
+    rgb = np.stack([gray, (gray * 0.5).astype(np.uint8), 255 - gray], -1)
+    variants = {
+        "L": encode(Image.fromarray(gray)),
+        "I;16": encode(Image.fromarray(gray.astype(np.uint16) * 257)),          # 16-bit PNG, same picture
+        "RGB": encode(Image.fromarray(rgb)),
+        "RGBA": encode(Image.fromarray(np.dstack([rgb, np.full_like(gray, 255)]), "RGBA")),
+        "LA": encode(Image.fromarray(np.dstack([gray, np.full_like(gray, 255)]), "LA")),
+        "P": encode(Image.fromarray(rgb).quantize(64)),
+        "CMYK": encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95),
+        "1": encode(Image.fromarray(gray).convert("1")),
+    }
+    got = {}
+    for mode, data in variants.items():
+        assert Image.open(io.BytesIO(data)).mode == mode
+        got[mode] = classify(server["url"], data, top_k=10)
+        assert_same(got[mode], direct(data, k=10))
+    assert_same(got["I;16"], got["L"], atol=1e-6)     # 16-bit scaled, not clipped: identical to the 8-bit image
+    assert_same(got["RGBA"], got["RGB"], atol=1e-6)   # opaque alpha changes nothing
+    assert_same(got["LA"], got["L"], atol=1e-6)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _bad_requests():
+    png = fmnist_pngs(1)[0][0]
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    jpg, big_png = encode(Image.fromarray(noise), "JPEG"), encode(Image.new("L", (1200, 1000)))
+    f = lambda data, name="image": {"files": {name: ("x.png", data, "image/png")}}  # noqa: E731
+    return [
+        ("empty body", {"data": b"", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400,
+         "form field 'image' is missing"),
+        ("empty file", f(b""), 400, "field 'image' is empty"),
+        ("non-image bytes", f(b"hello, this is text"), 400, "not an image Pillow can read"),
+        ("truncated PNG", f(png[: len(png) // 2]), 400, "truncated or corrupt"),
+        ("truncated JPEG", f(jpg[: len(jpg) // 2]), 400, "truncated or corrupt"),
+        ("over pixel limit", f(big_png), 413, f"1200000 pixels, over the {PIXEL_LIMIT}-pixel limit"),
+        ("decompression bomb", f(_bomb_png(100_000, 100_000)), 413, "decompression bomb|pixel limit"),
+        ("wrong field name", f(png, "file"), 400, "unknown form field\\(s\\) 'file'.*-F image=@"),
+        ("wrong content type", {"data": png, "headers": {"Content-Type": "image/png"}}, 415,
+         "content type 'image/png' is not accepted"),
+        ("json body", {"json": {"image": "/etc/passwd"}}, 415, "'application/json' is not accepted"),
+        ("top_k 0", {**f(png), "data": {"top_k": "0"}}, 400, "top_k must be between 1 and 10 .*got 0"),
+        ("top_k 11", {**f(png), "data": {"top_k": "11"}}, 400, "top_k must be between 1 and 10 .*got 11"),
+        ("top_k text", {**f(png), "data": {"top_k": "five"}}, 400, "top_k"),
+        ("tta text", {**f(png), "data": {"tta": "maybe"}}, 400, "tta"),
+    ]
+
+
+def test_bad_input_is_a_4xx_with_a_message(server):
+    for name, kwargs, status, message in _bad_requests():
+        r = requests.post(f"{server['url']}/classify", timeout=30, **kwargs)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        assert re.search(message, r.text), f"{name}: {r.text}"
+    assert requests.get(f"{server['url']}/livez", timeout=5).status_code == 200   # still alive after all that
+
+
+def test_python_client_openapi_and_metrics(server, direct, tmp_path):
+    import bentoml
+
+    png = fmnist_pngs(1)[0][0]
+    (tmp_path / "shoe.png").write_bytes(png)
+    with bentoml.SyncHTTPClient(server["url"]) as client:
+        got = client.classify(image=tmp_path / "shoe.png", top_k=2, tta=True)
+    assert_same(got, direct(png, k=2))
+    spec = requests.get(f"{server['url']}/docs.json", timeout=10).json()
+    assert {"/classify", "/classify_batch", "/metadata"} <= set(spec["paths"])
+    metrics = requests.get(f"{server['url']}/metrics", timeout=10).text
+    assert re.search(r'bentoml_service_request_duration_seconds_count\{[^}]*endpoint="/classify"', metrics)
+    meta = requests.post(f"{server['url']}/metadata", timeout=10).json()
+    assert meta["tta_views"] == list(DEFAULT_VIEWS) and meta["model"]["backend"]["threads"] == 1
+    assert meta["model"]["batching"] is True
+
+
+def test_zz_graceful_shutdown(server):
+    """SIGTERM stops every process of the server within 20 s (runs last in this module)."""
+    t0 = time.monotonic()
+    rc = stop_server(server["proc"])
+    assert time.monotonic() - t0 < 20
+    assert rc in (0, -signal.SIGTERM), rc
+
+
+def test_serve_from_the_model_store(artifact, direct, tmp_path):
+    """`deploykit serve build` puts the verified artifact in the store; `bentoml serve` (no DEPLOYKIT_ARTIFACT)
+    then serves the declared store model, the path `bentoml build` packages."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("DEPLOYKIT_ARTIFACT", None)
+    r = subprocess.run([sys.executable, "-m", "deploykit", "serve", "build", str(artifact)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tag = r.stdout.strip().splitlines()[-1]
+    assert tag.startswith("deploykit-classifier:")
+    stored = tmp_path / "home" / "models" / "deploykit-classifier" / tag.split(":")[1]
+    for name in ("manifest.json", "model.onnx", "preprocessing.json"):
+        assert (stored / name).read_bytes() == (artifact / name).read_bytes()
+    bad = subprocess.run([sys.executable, "-m", "deploykit", "serve", "build", str(tmp_path / "nope")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "is not a deploykit artifact" in bad.stderr
+
+    proc, url = start_server({"BENTOML_HOME": env["BENTOML_HOME"], "DEPLOYKIT_MODEL": tag,
+                              "DEPLOYKIT_ARTIFACT": ""}, tmp_path / "store-server.log")
+    try:
+        png = fmnist_pngs(1)[0][0]
+        assert_same(classify(url, png), direct(png))
+        meta = requests.post(f"{url}/metadata", timeout=10).json()
+        assert Path(meta["model"]["artifact"]) == stored
+    finally:
+        stop_server(proc)
+
+
+def test_dockerfile_copies_files_that_exist():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert lines[0].startswith("FROM python:3.11")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY")]
+    assert copies
+    for srcs in copies:
+        for src in srcs:
+            if src.startswith("--"):
+                continue
+            src = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), src)
+            if "ARTIFACT" in text and src == args.get("ARTIFACT"):
+                continue  # the artifact is passed at build time (--build-arg ARTIFACT=...)
+            assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    assert "DEPLOYKIT_ARTIFACT" in text and "BENTOML_DO_NOT_TRACK=True" in text
+    assert re.search(r'CMD \[.*"bentoml", "serve", "deploykit.serving:Classifier"', text)
