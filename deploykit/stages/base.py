@@ -31,6 +31,14 @@ STAGES: Registry[type["Stage"]] = Registry(
         "deploykit.stages.export_onnx",
         "deploykit.stages.quantize_onnx",
         "deploykit.stages.cast_onnx",
+        "deploykit.stages.quantize_tensorrt",
+        "deploykit.stages.build_engine",
+        "deploykit.stages.quantize_openvino",
+        "deploykit.stages.select_runtime",
+        "deploykit.stages.prune",
+        "deploykit.stages.distill",
+        "deploykit.stages.accuracy_guard",
+        "deploykit.stages.static_pad",
     ),
 )
 
