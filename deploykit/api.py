@@ -246,7 +246,11 @@ def _evaluate(state, recipe: Recipe, final: Path, console, notes: list[str]) -> 
                               "environment": {"machine": machine_line(), "threads": variants["original"][0].threads}}
     _speed_notes(models, ev.latency_batch_sizes, state.precision, notes)
     if state.data is not None:
+        from .forgetting import forgetting_report
+
         report["per_class"] = _per_class(models, pre.class_names)
+        report["forgetting"] = forgetting_report(state.data.eval.labels, logits["original"], logits["compressed"],
+                                                 pre.class_names)
         drop = models["original"]["top1"] - models["compressed"]["top1"]
         notes.append(f"top-1 {models['original']['top1']:.2f}% -> {models['compressed']['top1']:.2f}% "
                      f"({-drop:+.2f} points) on {len(state.data.eval)} evaluation images")

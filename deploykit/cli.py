@@ -79,6 +79,10 @@ def compress(
     input_size: Optional[int] = typer.Option(None, help="square input side in pixels"),
     calibration_images: Optional[int] = typer.Option(None, help="number of calibration images"),
     calibration_method: Optional[CalibMethod] = typer.Option(None, help="INT8 range calibration"),
+    prune: Optional[float] = typer.Option(None, min=0.0, max=0.95,
+                                          help="preset: prune this fraction of MACs + KD fine-tune + INT8 (prune-kd-int8)"),
+    max_drop: Optional[float] = typer.Option(None, min=0.0,
+                                             help="accuracy budget in top-1 points: keep sensitive layers in float"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on this many images (default: whole split)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory (default <ckpt-stem>.deploykit)"),
@@ -92,7 +96,18 @@ def compress(
 
     try:
         tgt = target.value if target else None
+        if prune is not None and not recipe:
+            if fp16 or bf16 or fp32:
+                raise DeployKitError("--prune builds an INT8 model", fix="use --prune with --int8 (or alone)")
+            recipe, int8 = "prune-kd-int8", False
         r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32, tgt))
+        if max_drop is not None and not r.stage("accuracy_guard"):
+            if not r.stage("quantize_onnx"):
+                raise DeployKitError(f"--max-drop needs an INT8 recipe, {r.name!r} has no quantize_onnx stage",
+                                     fix="use --int8 or --prune with --max-drop")
+            # the guard owns the accuracy decision, so quantize_onnx must not fail first
+            r = r.with_stage("accuracy_guard", after="quantize_onnx").with_overrides(
+                {"stages.quantize_onnx.min_top1_agreement": 0})
         calib_stage = "quantize_tensorrt" if r.stage("quantize_tensorrt") else "quantize_onnx"
         r = r.with_overrides({
             "target": target.value if target else None,
@@ -107,6 +122,8 @@ def compress(
             "eval.enabled": False if no_eval else None,
             "eval.threads": threads,
             f"stages.{calib_stage}.method": calibration_method.value if calibration_method else None,
+            "stages.prune.macs_reduction": prune,
+            "stages.accuracy_guard.max_drop": max_drop,
         })
         if dry_run:
             typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)

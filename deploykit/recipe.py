@@ -165,6 +165,21 @@ class Recipe(BaseModel):
         return parse_recipe(data, source=f"{self.name} + overrides")
 
 
+    def with_stage(self, name: str, config: dict | None = None, after: str | None = None) -> "Recipe":
+        """A copy with stage ``name`` inserted after stage ``after`` (appended when None or absent).
+
+        Example:
+            >>> load_recipe("int8-ptq").with_stage("accuracy_guard", {"max_drop": 0.5}, after="quantize_onnx")
+        """
+        data = self.model_dump(mode="json")
+        stages = [{s["name"]: s["config"]} for s in data["stages"]]
+        names = [s["name"] for s in data["stages"]]
+        at = names.index(after) + 1 if after in names else len(stages)
+        stages.insert(at, {name: config or {}})
+        data["stages"] = stages
+        return parse_recipe(data, source=f"{self.name} + {name}")
+
+
 def _format_validation(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "recipe"

@@ -55,6 +55,14 @@ def render_markdown(report: dict) -> str:
         for r in pc:
             lines.append(f"| {r['class']} | {r['support']} | {_fmt(r['f1_original'])} | {_fmt(r['f1_compressed'])} "
                          f"| {r['f1_change']:+.2f} |")
+    if report.get("forgetting"):
+        from .forgetting import forgetting_markdown
+
+        lines += ["", forgetting_markdown(report["forgetting"]).rstrip()]
+    if "accuracy_guard" in report.get("stage_facts", {}):
+        from .guard import sensitivity_markdown
+
+        lines += ["", sensitivity_markdown(report["stage_facts"]["accuracy_guard"]).rstrip()]
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in report.get("stages", [])]
     env = report.get("environment", {})
