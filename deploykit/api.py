@@ -202,7 +202,7 @@ def _evaluate(state, recipe: Recipe, final: Path, console, notes: list[str]) -> 
     from .backends import create_backend
     from .environment import machine_line
     from .evaluate import classification_metrics, fidelity, predict
-    from .timing import measure_interleaved
+    from .timing import measure_in_blocks
 
     ev, pre = recipe.eval, state.preprocessing
     variants = {"original": (create_backend("torch", state.teacher, threads=ev.threads), state.teacher)}
@@ -234,8 +234,12 @@ def _evaluate(state, recipe: Recipe, final: Path, console, notes: list[str]) -> 
     for bs in ev.latency_batch_sizes:
         x = np.resize(sample, (bs, *sample.shape[1:])).astype(np.float32)
         with console.status(f"timing batch {bs}..."):
-            stats = measure_interleaved({k: b.run for k, (b, _) in variants.items()}, x, warmup=ev.warmup_runs,
-                                        runs=ev.latency_runs, time_budget_s=ev.latency_budget_s)
+            for b, _ in variants.values():  # first-call allocations and graph compilation stay out of the numbers
+                for _ in range(ev.warmup_runs):
+                    b.run(x)
+            stats = measure_in_blocks({k: b.run for k, (b, _) in variants.items()}, x,
+                                      rounds=max(2, ev.latency_runs // 5), block_runs=5,
+                                      time_budget_s=ev.latency_budget_s)
         for key, s in stats.items():
             lat = models[key].setdefault("latency_ms", {})
             lat.update({f"bs{bs}_p50": s.p50, f"bs{bs}_p90": s.p90, f"bs{bs}_p99": s.p99})

@@ -140,20 +140,13 @@ def time_in_blocks(fns: dict, x: np.ndarray, *, rounds: int = 6, block_runs: int
     the start of every block absorbs the switch; alternating blocks still spreads drifting load over all.
 
     Returns:
-        {name: (median of the block medians in ms, timed runs)}.
+        {name: (median latency in ms over every timed run, timed runs)}.
     """
-    import time
+    from ..timing import measure_in_blocks
 
-    from ..timing import measure_interleaved
-
-    medians: dict[str, list[float]] = {n: [] for n in fns}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            medians[n].append(measure_interleaved({n: fns[n]}, x, warmup=warmup, runs=block_runs)[n].p50)
-        if time_budget_s and r >= 1 and time.perf_counter() - start > time_budget_s:
-            break
-    return {n: (round(float(np.median(v)), 4), len(v) * block_runs) for n, v in medians.items()}
+    stats = measure_in_blocks(fns, x, rounds=rounds, block_runs=block_runs, warmup=warmup,
+                              time_budget_s=time_budget_s)
+    return {n: (st.p50, st.runs) for n, st in stats.items()}
 
 
 def collect_candidates(state: PipelineState, names: list[str] | None, bf16: str) -> list[Candidate]:
