@@ -1,0 +1,97 @@
+"""`deploykit bench`: accuracy-vs-latency table, JSON and Pareto plot; with --baseline, the CI latency gate.
+
+Example:
+    $ deploykit bench ckpt.deploykit --backends torch,onnxruntime --batch 1,8,32 --out bench-out
+    $ deploykit bench ckpt.deploykit --baseline bench/baselines/ref.json --max-slowdown 10%   # exit 0/1/2
+    $ deploykit bench ckpt.deploykit --baseline bench/baselines/ref.json --update-baseline
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import DeployKitError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def bench(
+    artifact: Path = typer.Argument(..., help="artifact directory written by `deploykit compress`"),
+    backends: str = typer.Option("torch,onnxruntime,openvino", help="comma-separated: torch, torch-compile (slow "
+                                 "to compile), onnxruntime, openvino, tensorrt, onnxruntime-cuda"),
+    batch: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default <artifact>.bench)"),
+    data: str = typer.Option("auto", help="evaluation data: auto (as the artifact was built), a name/path, or none"),
+    eval_images: int = typer.Option(1000, help="evaluation images per variant"),
+    runs: int = typer.Option(50, help="timed rounds per batch size (all variants interleaved)"),
+    warmup: int = typer.Option(5, help="warm-up rounds per batch size"),
+    budget: float = typer.Option(15.0, help="seconds cap for the timed rounds of one batch size"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="skip the Pareto PNG"),
+    plot_metric: str = typer.Option("p50", help="Pareto x axis: p50 (wall latency) or cpu_p50 (CPU time per call, "
+                                    "stable on a shared machine)"),
+    baseline: Optional[Path] = typer.Option(None, help="gate mode: compare against this baseline JSON"),
+    max_slowdown: str = typer.Option("10%", help="gate: tolerated slowdown, e.g. 10%"),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="gate: measure and write a new baseline"),
+    gate_seconds: float = typer.Option(3.0, help="gate: seconds of alternating rounds per batch size"),
+    gate_threads: int = typer.Option(1, help="gate: threads for model and reference (1 = least noisy when shared)"),
+    gate_reference: str = typer.Option("model", help="gate, with --update-baseline: 'model' (copy the deployed model "
+                                       "beside the baseline as the reference) or 'synthetic' (a fixed conv net)"),
+    gate_clock: str = typer.Option("auto", help="gate, with --update-baseline: 'cpu' (process CPU time: immune to "
+                                   "preemption by neighbours), 'wall' (elapsed), or 'auto' (wall below 2 ms per "
+                                   "call, else cpu)"),
+) -> None:
+    """Benchmark every variant (accuracy, p50/p90/p99, throughput, memory, size), or gate on a baseline."""
+    from ..cli import fail
+
+    try:
+        if baseline is not None:
+            raise typer.Exit(_gate(artifact, baseline, max_slowdown, update_baseline, batch, out, gate_seconds,
+                                   gate_threads, gate_reference, gate_clock))
+        if update_baseline:
+            raise DeployKitError("--update-baseline needs --baseline FILE", fix="add --baseline bench/baselines/NAME.json")
+        from ..benchmark import parse_backends, parse_batches, run_benchmark, write_bench
+
+        result = run_benchmark(artifact, parse_backends(backends), parse_batches(batch),
+                               data=None if data.lower() == "none" else data, eval_images=eval_images, threads=threads,
+                               warmup=warmup, runs=runs, budget_s=budget, log=lambda s: typer.echo(s, err=True))
+        out = out or artifact.with_name(artifact.name.rstrip("/") + ".bench")
+        if plot_metric not in ("p50", "cpu_p50"):
+            raise DeployKitError(f"--plot-metric {plot_metric!r} is not p50 or cpu_p50", fix="use --plot-metric cpu_p50")
+        paths = write_bench(result, out, plot=not no_plot, metric=plot_metric)
+        typer.echo(paths["md"].read_text())
+        typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    except DeployKitError as err:
+        fail(err)
+
+
+def _gate(artifact: Path, baseline: Path, max_slowdown: str, update: bool, batch: str, out: Optional[Path],
+          seconds: float, threads: int, reference: str, clock: str) -> int:
+    from ..artifact import write_json
+    from ..benchmark import load_baseline, make_baseline, parse_batches, run_gate
+    from ..gate import parse_slowdown
+
+    if update:
+        data = make_baseline(artifact, baseline, parse_batches(batch), threads=threads, seconds=seconds,
+                             reference=reference, clock=clock)
+        for e in data["entries"]:
+            typer.echo(f"[{e['key']}] median ratio model/reference ({e['reference']['kind']}, {e['clock']} clock) "
+                       f"{e['median_ratio']:.4f} "
+                       f"over {e['rounds']} rounds (model p50 {e['candidate_ms_p50']:.3f} ms, reference p50 "
+                       f"{e['reference_ms_p50']:.3f} ms)")
+        typer.echo(f"wrote baseline {baseline}")
+        return 0
+    limit = parse_slowdown(max_slowdown)
+    result = run_gate(artifact, load_baseline(baseline), limit, base_dir=baseline.parent, seconds=seconds,
+                      log=typer.echo)
+    result["baseline"] = str(baseline)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "gate.json", result)
+    typer.echo(f"gate: {result['verdict']} (exit {result['exit_code']})")
+    return result["exit_code"]

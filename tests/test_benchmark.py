@@ -1,0 +1,237 @@
+"""`deploykit bench` on a real (tiny) artifact: bench.json schema, numbers that must agree, the PNG, the gate CLI.
+
+Everything runs for real: torch, ONNX Runtime and OpenVINO on real Fashion-MNIST test images, the
+`deploykit` command as a subprocess. Timings are only checked for consistency (p50 <= p90 <= p99,
+throughput = batch / p50), never against absolute values: this machine is shared.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from deploykit import compress  # noqa: E402
+from deploykit.artifact import Artifact  # noqa: E402
+from deploykit.benchmark import (BASELINE_SCHEMA, BENCH_SCHEMA, BenchError, discover_variants,  # noqa: E402
+                                 make_baseline, parse_backends, parse_batches, run_benchmark, write_bench)
+from deploykit.checkpoint import save_timm_checkpoint  # noqa: E402
+from deploykit.plots import pareto_front  # noqa: E402
+
+RECIPE = """
+version: 1
+name: bench-test
+stages:
+  - fuse_bn
+  - export_onnx: {opset: 17}
+  - quantize_onnx: {method: minmax, per_channel: true}
+eval: {enabled: false}
+"""
+CLI = [sys.executable, "-m", "deploykit"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A tiny random-weight resnet10t compressed to INT8 with real calibration and 200 eval images."""
+    torch.manual_seed(0)
+    kwargs = {"channels": (8, 16, 32, 64)}
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = root / "tiny.pth"
+    save_timm_checkpoint(ckpt, arch="resnet10t", state_dict=m.state_dict(),
+                         args={"num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28), "mean": (0.286,),
+                               "std": (0.353,), "model_kwargs": kwargs})
+    recipe = root / "bench-test.yaml"  # the INT8 path without runtime selection: seconds, not minutes
+    recipe.write_text(RECIPE)
+    res = compress(ckpt, recipe, out=root / "tiny.deploykit", data__name="fashion-mnist", data__eval_images=200,
+                   data__calibration_images=64)
+    return res.path
+
+
+@pytest.fixture(scope="module")
+def result(artifact):
+    # 1 thread: on a loaded 2-core box, 2-thread OpenMP/ORT pools spin against each other (docs/benchmarks.md)
+    return run_benchmark(artifact, ["torch", "onnxruntime", "openvino"], [1, 4], eval_images=200, runs=5,
+                         warmup=1, budget_s=1.0, threads=1, log=lambda s: None)
+
+
+def test_bench_json_schema(result, tmp_path):
+    paths = write_bench(result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["schema"] == BENCH_SCHEMA
+    assert set(data) >= {"created", "machine", "machine_line", "versions", "threads", "settings", "variants",
+                         "skipped", "peak_rss_mb", "artifact", "load_average"}
+    assert data["settings"]["batch_sizes"] == [1, 4] and data["settings"]["eval_images"] == 200
+    assert data["machine"]["cpu_flags"] == result["machine"]["cpu_flags"]
+    assert {"onnxruntime", "openvino", "torch"} <= set(data["versions"])
+    names = [v["name"] for v in data["variants"]]
+    assert {"torch/fp32", "onnxruntime/fp32", "onnxruntime/int8", "openvino/fp32", "openvino/int8"} <= set(names)
+    for v in data["variants"]:
+        assert set(v) >= {"backend", "precision", "size_mb", "rss_mb", "load_s", "latency_ms", "throughput_ips",
+                          "accuracy", "runtime", "deployed"}
+        for bs in (1, 4):
+            lat = v["latency_ms"][f"bs{bs}"]
+            assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
+            assert lat["runs"] >= 3
+            assert 0 < v["cpu_ms"][f"bs{bs}"]["p50"] <= v["cpu_ms"][f"bs{bs}"]["p90"]
+            assert v["throughput_ips"][f"bs{bs}"] == pytest.approx(bs / lat["p50"] * 1000, rel=0.01, abs=0.06)
+        assert 0 <= v["accuracy"]["top1"] <= 100 and v["accuracy"]["images"] == 200
+    assert [v["name"] for v in data["variants"] if v["deployed"]] == ["onnxruntime/int8"]  # manifest's runtime
+    skipped = {s["name"]: s["reason"] for s in data["skipped"]}
+    assert "no bf16 Conv kernels" in skipped["onnxruntime/bf16"]
+
+
+def test_variants_agree_on_accuracy(result):
+    acc = {v["name"]: v["accuracy"]["top1"] for v in result["variants"]}
+    # same float weights on three runtimes (BN fused for ONNX): identical predictions up to rounding ties
+    assert abs(acc["torch/fp32"] - acc["onnxruntime/fp32"]) <= 0.5
+    assert abs(acc["onnxruntime/fp32"] - acc["openvino/fp32"]) <= 0.5
+    # the same QDQ graph on ONNX Runtime and OpenVINO: INT8 kernels differ in rounding, not in the model
+    assert abs(acc["onnxruntime/int8"] - acc["openvino/int8"]) <= 2.0
+    sizes = {v["name"]: v["size_mb"] for v in result["variants"]}
+    assert sizes["onnxruntime/int8"] < 0.6 * sizes["onnxruntime/fp32"]
+
+
+def test_markdown_and_pareto_png(result, tmp_path):
+    paths = write_bench(result, tmp_path)
+    md = paths["md"].read_text()
+    assert md.count("\n| ") >= 1 + len(result["variants"])
+    assert "bs1 p50 / p90 / p99 ms" in md and "onnxruntime/bf16" in md
+    png = paths["png_bs1"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(png).shape[:2]
+    assert (w, h) == (1170, 728)  # 9 x 5.6 inches at 130 dpi
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_pareto_front():
+    pts = [(1.0, 90.0), (2.0, 89.0), (3.0, 92.0), (0.5, 80.0), (3.0, 91.0), (4.0, 92.0)]
+    assert pareto_front(pts) == [3, 0, 2]
+    assert pareto_front([]) == []
+
+
+def test_missing_checkpoint_skips_torch_with_reason(artifact, tmp_path):
+    moved = tmp_path / "copy.deploykit"
+    shutil.copytree(artifact, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["checkpoint"] = str(tmp_path / "gone.pth")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    variants, skipped = discover_variants(moved, ["torch", "onnxruntime"])
+    assert "torch/fp32" not in [v.name for v in variants]
+    assert any(s["name"] == "torch/fp32" and "gone.pth" in s["reason"] and "not found" in s["reason"] for s in skipped)
+
+
+def test_gpu_backends_skip_with_reason_here(artifact):
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("a GPU is present")
+    _, skipped = discover_variants(artifact, ["tensorrt", "onnxruntime-cuda"])  # GPU hook: mocked by absence only
+    assert {s["name"].split("/")[0] for s in skipped} == {"tensorrt", "onnxruntime-cuda"}
+    assert all("no NVIDIA GPU" in s["reason"] for s in skipped)
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(BenchError, match=r"unknown backend tensorflow\. Fix: choose from torch, "):
+        parse_backends("torch,tensorflow")
+    with pytest.raises(BenchError, match=r"--batch '1,x' is not a comma-separated list of integers\. Fix: "):
+        parse_batches("1,x")
+    with pytest.raises(BenchError, match=r"needs positive batch sizes"):
+        parse_batches("0")
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_bench_writes_outputs(artifact, tmp_path):
+    out = tmp_path / "b"
+    p = _cli("bench", artifact, "--backends", "onnxruntime", "--batch", "1,2", "--runs", "3", "--warmup", "1",
+             "--eval-images", "50", "--budget", "1", "--out", out)
+    assert p.returncode == 0, p.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert [v["name"] for v in data["variants"]] == ["onnxruntime/fp32", "onnxruntime/int8"]
+    assert (out / "pareto_bs1.png").stat().st_size > 10_000 and (out / "pareto_bs2.png").is_file()
+    assert "| onnxruntime/int8 (deployed) |" in p.stdout
+
+
+def test_cli_gate_exit_codes(artifact, tmp_path):
+    base = tmp_path / "baseline.json"
+    p = _cli("bench", artifact, "--baseline", base, "--update-baseline", "--batch", "1", "--gate-seconds", "0.5")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(base.read_text())
+    assert data["schema"] == BASELINE_SCHEMA and len(data["entries"]) == 1
+    entry = data["entries"][0]
+    assert entry["key"].endswith("/bs1") and entry["rounds"] >= 30 and len(entry["ratios"]) == entry["rounds"]
+    ref = entry["reference"]
+    assert ref["kind"] == "model" and (tmp_path / ref["path"]).is_file() and ref["path"].startswith("baseline.reference/")
+    assert 0.8 < entry["median_ratio"] < 1.25  # the deployed model timed against its own copy
+    # auto resolves to a concrete clock once (wall for this sub-ms model unless the machine is swamped)
+    assert data["settings"]["clock"] == "auto" and entry["clock"] in ("wall", "cpu")
+
+    # a baseline whose ratios are 3x smaller = the candidate is 200% slower than "before": a regression
+    fast = {**data, "entries": [{**entry, "ratios": [r / 3 for r in entry["ratios"]]}]}
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    p = _cli("bench", artifact, "--baseline", tmp_path / "fast.json", "--max-slowdown", "10%", "--gate-seconds", "0.5",
+             "--out", tmp_path / "g")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "REGRESSION: slowdown +" in p.stdout and "gate: regression (exit 1)" in p.stdout
+    gate = json.loads((tmp_path / "g" / "gate.json").read_text())
+    assert gate["exit_code"] == 1 and gate["decisions"][0]["slowdown"] > 1.0
+
+    # a baseline 3x slower than now: the candidate got faster, no regression
+    slow = {**data, "entries": [{**entry, "ratios": [r * 3 for r in entry["ratios"]]}]}
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    p = _cli("bench", artifact, "--baseline", tmp_path / "slow.json", "--gate-seconds", "0.5")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no regression: slowdown -" in p.stdout
+
+
+def test_cli_gate_bad_baseline_is_exit_2(artifact, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    p = _cli("bench", artifact, "--baseline", bad)
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"error: baseline {bad} is not valid JSON") and "Fix: re-create it with --update-baseline" in p.stderr
+    p = _cli("bench", artifact, "--baseline", tmp_path / "none.json", "--max-slowdown", "abc")
+    assert p.returncode == 2 and "is not a number or percentage" in p.stderr
+    p = _cli("bench", artifact, "--baseline", tmp_path / "none.json")
+    assert p.returncode == 2 and "Fix: create it with --baseline FILE --update-baseline" in p.stderr
+
+
+def test_planted_slowdown_spins_for_the_given_fraction():
+    import time
+
+    from deploykit.benchmark import with_planted_slowdown
+
+    def work():
+        t = time.process_time() + 0.002
+        while time.process_time() < t:
+            pass
+
+    slowed = with_planted_slowdown(work, 0.5)
+    t0 = time.process_time()
+    for _ in range(20):
+        slowed()
+    spent = time.process_time() - t0
+    assert 0.058 <= spent < 0.09  # 20 x (2 ms + 1 ms) of CPU time; a preempted call costs no CPU time
+    assert with_planted_slowdown(work, 0.0) is work
+
+
+def test_gate_refuses_a_changed_reference_model(artifact, tmp_path):
+    from deploykit.benchmark import load_baseline
+    from deploykit.gate import GateError
+
+    data = make_baseline(artifact, tmp_path / "b.json", [1], seconds=0.2)
+    assert json.loads((tmp_path / "b.json").read_text())["entries"][0]["rounds"] == data["entries"][0]["rounds"]
+    model = tmp_path / data["entries"][0]["reference"]["path"]
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(GateError, match=r"reference model .* changed since the baseline was made\. Fix: re-create"):
+        load_baseline(tmp_path / "b.json")
