@@ -55,6 +55,19 @@ def render_markdown(report: dict) -> str:
         for r in pc:
             lines.append(f"| {r['class']} | {r['support']} | {_fmt(r['f1_original'])} | {_fmt(r['f1_compressed'])} "
                          f"| {r['f1_change']:+.2f} |")
+    sel = report.get("stage_facts", {}).get("select_runtime", {})
+    if sel.get("candidates"):
+        sizes = sorted({k for c in sel["candidates"] for k in c.get("latency_ms", {})}, key=lambda k: int(k[2:]))
+        lines += ["", "## Runtime chosen by measurement", "", f"**{sel['chosen']}**: {sel.get('reason', '')}", "",
+                  "| variant | " + " | ".join(f"{b} ms" for b in sizes) + " | top-1 % | agreement % | verdict |",
+                  "|---|" + "---|" * (len(sizes) + 3)]
+        for c in sel["candidates"]:
+            lat = [_fmt(c.get("latency_ms", {}).get(b)) for b in sizes]
+            lines.append(f"| {c['name']} | " + " | ".join(lat) + f" | {_fmt(c.get('top1'))} | "
+                         f"{_fmt(c.get('top1_agreement'))} | {c.get('verdict', '')} |")
+        for name, b in sel.get("baselines", {}).items():
+            lat = [_fmt(b.get("latency_ms", {}).get(k)) for k in sizes]
+            lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | |")
     if report.get("forgetting"):
         from .forgetting import forgetting_markdown
 
