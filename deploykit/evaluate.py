@@ -20,16 +20,22 @@ def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    labels = np.asarray(labels, dtype=np.int64)
-    pred = logits.argmax(1)
-    cm = confusion_matrix(pred, labels, num_classes)
+def per_class_scores(pred: np.ndarray, labels: np.ndarray, num_classes: int):
+    """(precision, recall, f1, support) per class as fractions; 0 where a class has no support/predictions."""
+    cm = confusion_matrix(np.asarray(pred, np.int64), np.asarray(labels, np.int64), num_classes)
     tp = np.diag(cm).astype(np.float64)
     support, predicted = cm.sum(1), cm.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1, support
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = logits.argmax(1)
+    _, recall, f1, support = per_class_scores(pred, labels, num_classes)
     k = min(5, num_classes)
     top5 = np.argpartition(-logits, k - 1, axis=1)[:, :k]
     present = support > 0  # macro-F1 over classes present in the evaluation data (as sklearn's labels=)

@@ -18,13 +18,9 @@ import numpy as np
 
 
 def _per_class(pred: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cm = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(support > 0, tp / support, 0.0)
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    from .evaluate import per_class_scores
+
+    _, recall, f1, support = per_class_scores(pred, labels, k)
     return recall * 100, f1 * 100, support
 
 

@@ -65,7 +65,7 @@ class Requantizer:
 
     def __init__(self, fp32: Path, workdir: Path, calibration: Iterable[np.ndarray], *, method: str = "minmax",
                  per_channel: bool = True, activation_type: str = "uint8", weight_type: str = "int8",
-                 input_name: str = "input"):
+                 reduce_range: bool = True, input_name: str = "input"):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         self.dir = Path(workdir)
@@ -75,7 +75,7 @@ class Requantizer:
         self.cache = self.dir / "guard.calibration.json"
         self.cache.unlink(missing_ok=True)
         self.kw = dict(method=method, per_channel=per_channel, activation_type=activation_type,
-                       weight_type=weight_type)
+                       weight_type=weight_type, reduce_range=reduce_range)
         self.input_name = input_name
         self._calibration = list(calibration)
         self.quantize([], self.dir / "guard.all.onnx")   # fills the calibration cache
@@ -128,7 +128,7 @@ class Requantizer:
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         quantize_static(str(self.pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=self.kw["per_channel"], activation_type=types[self.kw["activation_type"]],
-                        weight_type=types[self.kw["weight_type"]],
+                        weight_type=types[self.kw["weight_type"]], reduce_range=self.kw["reduce_range"],
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[self.kw["method"]],
                         nodes_to_exclude=list(exclude), calibration_cache_path=str(self.cache))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_bn
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("openvino")
@@ -19,16 +20,6 @@ from deploykit.stages.export_onnx import export_onnx  # noqa: E402
 from deploykit.stages.quantize_openvino import quantize_openvino  # noqa: E402
 
 
-def _randomize_bn(model):
-    """Spread-out BN statistics, so logits differ between classes and a wrong kernel shows."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def images():
 @pytest.fixture(scope="module")
 def onnx_fp32(tmp_path_factory):
     torch.manual_seed(0)
-    model = _randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
+    model = randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
     return export_onnx(model, tmp_path_factory.mktemp("ov") / "model.fp32.onnx", (1, 28, 28))
 
 

@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_bn
 
 timm = pytest.importorskip("timm")
 
@@ -15,23 +16,13 @@ from deploykit.stages.fuse_bn import fuse_conv_bn  # noqa: E402
 from deploykit.stages.quantize_onnx import count_qdq, quantize_onnx  # noqa: E402
 
 
-def _randomize_bn(model):
-    """Non-trivial BN statistics, so that a wrong fold shows up as a large difference."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model.eval()
 
 
 # A ResNet, a MobileNetV3 and an EfficientNet-Lite (depthwise convs, timm BatchNormAct2d), plus a RegNet.
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050", "tf_efficientnet_lite0", "regnetx_002"])
 def test_fuse_conv_bn_is_exact(arch):
     torch.manual_seed(0)
-    model = _randomize_bn(timm.create_model(arch, num_classes=10))
+    model = randomize_bn(timm.create_model(arch, num_classes=10))
     x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         ref = model(x)
@@ -55,7 +46,7 @@ def test_fuse_leaves_shared_or_branching_bn_alone():
             y = self.conv(x)
             return self.bn(y) + y  # conv output used twice: folding BN into conv would be wrong
 
-    m = _randomize_bn(Branchy())
+    m = randomize_bn(Branchy())
     x = torch.randn(2, 3, 8, 8)
     ref = m(x)
     fused, n = fuse_conv_bn(m)
@@ -66,7 +57,7 @@ def test_fuse_leaves_shared_or_branching_bn_alone():
 @pytest.fixture(scope="module")
 def tiny_resnet():
     torch.manual_seed(0)
-    return _randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
+    return randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
 
 
 @pytest.fixture(scope="module")

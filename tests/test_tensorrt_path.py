@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_bn
 
 timm = pytest.importorskip("timm")
 onnx = pytest.importorskip("onnx")
@@ -34,15 +35,6 @@ needs_trt_gpu = pytest.mark.skipif(not (HAVE_TRT and HAVE_GPU),
                                    reason="needs TensorRT and an NVIDIA GPU (neither exists on the CPU build machines)")
 
 
-def _randomize_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def images():
 @pytest.fixture(scope="module")
 def onnx_fp32(tmp_path_factory):
     torch.manual_seed(0)
-    model = _randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
+    model = randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)))
     fused, _ = fuse_conv_bn(model)
     return export_onnx(fused, tmp_path_factory.mktemp("trt") / "m.onnx", (1, 28, 28))
 
@@ -305,7 +297,7 @@ def test_compress_int8_tensorrt_recipe_end_to_end(tmp_path):
 
     torch.manual_seed(0)
     kw = {"channels": [16, 32, 64, 128]}
-    model = _randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, **kw))
+    model = randomize_bn(timm.create_model("resnet10t", num_classes=10, in_chans=1, **kw))
     save_timm_checkpoint(tmp_path / "t.pth", arch="resnet10t", state_dict=model.state_dict(),
                          args={"num_classes": 10, "in_chans": 1, "model_kwargs": kw, "input_size": [1, 28, 28]})
     res = compress(tmp_path / "t.pth", "int8-tensorrt", out=tmp_path / "t.deploykit", data__name="fashion-mnist",

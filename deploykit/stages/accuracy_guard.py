@@ -28,7 +28,8 @@ class AccuracyGuard(Stage):
             raise ParityError("accuracy_guard needs an INT8 model and its FP32 ONNX",
                               fix="put accuracy_guard right after quantize_onnx in the recipe")
         q = state.facts.get("quantize_onnx", {})
-        quant_kw = {k: q[k] for k in ("method", "per_channel", "activation_type", "weight_type") if k in q}
+        quant_kw = {k: q[k] for k in ("method", "per_channel", "activation_type", "weight_type", "reduce_range")
+                    if k in q}
         if state.data is not None:
             train = state.data.train
             val_idx = state._cache.get("validation_indices")
