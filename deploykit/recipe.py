@@ -67,7 +67,7 @@ class DataConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     check_images: int = Field(256, ge=8, description="held-out images for every stage's parity check")
     synthetic_images: int = Field(32, ge=1, description="data-free: BN-matched inputs synthesized for calibration")
-    synthetic_steps: int = Field(20, ge=0, description="data-free: optimisation steps per synthetic batch")
+    synthetic_steps: int = Field(8, ge=0, description="data-free: optimisation steps per synthetic batch")
     seed: int = 0
 
 
