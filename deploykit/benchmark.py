@@ -350,11 +350,11 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
     Args:
         pre: the Preprocessing that makes model inputs (shape, normalisation).
         eval_set: labelled ImageSet for accuracy; None = accuracy not measured (data-free).
-        runs, warmup, budget_s: per batch size, passed to ``timing.measure_interleaved``.
+        runs, warmup, budget_s: per batch size, passed to ``timing.measure_in_blocks`` (rounds = runs // 5).
     """
     from .environment import machine, machine_line, versions
     from .evaluate import classification_metrics, predict
-    from .timing import measure_interleaved
+    from .timing import measure_in_blocks
 
     skipped = list(skipped or [])
     batch_sizes = parse_batches(list(batch_sizes))
@@ -401,7 +401,11 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
                 rows[name]["latency_ms"][f"bs{bs}"] = None
                 rows[name]["notes"].append(f"batch {bs} failed: {type(err).__name__}")
         log(f"timing batch {bs}: {len(fns)} variants interleaved, up to {runs} rounds / {budget_s:.0f}s")
-        stats = measure_interleaved(fns, x, warmup=warmup, runs=runs, time_budget_s=budget_s)
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(x)
+        # blocks, not run-by-run: a runtime's thread pool spins after each call and slows the next runtime
+        stats = measure_in_blocks(fns, x, rounds=max(2, runs // 5), block_runs=5, warmup=1, time_budget_s=budget_s)
         for name, s in stats.items():
             rows[name]["latency_ms"][f"bs{bs}"] = {"p50": s.p50, "p90": s.p90, "p99": s.p99, "mean": s.mean,
                                                    "min": s.min, "runs": s.runs}
@@ -436,8 +440,9 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         "versions": versions(),
         "threads": threads[0] if len(threads) == 1 else threads,
         "settings": {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs, "budget_s_per_batch": budget_s,
-                     "method": "timing.measure_interleaved: variants alternate run by run, order reversed every "
-                               "round; p50/p90/p99 of the timed runs after warm-up",
+                     "method": "timing.measure_in_blocks: variants alternate in blocks of 5 timed runs (one untimed "
+                               "run per block), order reversed every round; p50/p90/p99 of the timed runs after "
+                               "warm-up",
                      "eval_images": int(len(eval_set)) if eval_set is not None else 0,
                      "data": eval_set.name if eval_set is not None else None,
                      "input_size": list(pre.input_size)},
