@@ -173,9 +173,12 @@ def _register_commands() -> None:
 _register_commands()
 
 
+class _Terminated(SystemExit):
+    """Raised by the SIGTERM handler: unwinds through ArtifactWriter, which deletes the half-built directory."""
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    # SystemExit unwinds through ArtifactWriter, which deletes the half-built directory.
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def main() -> None:
@@ -187,6 +190,14 @@ def main() -> None:
     except DeployKitError as err:  # errors raised outside a command body
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except _Terminated as stop:
+        # Cleanup has run. Skip interpreter teardown: native runtimes' worker threads (OpenVINO, ORT, OpenMP)
+        # interrupted mid-call crashed it with SIGSEGV once in the tests, which would mask the real exit code.
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code)
 
 
 if __name__ == "__main__":
