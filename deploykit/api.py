@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import (FINAL_MODEL, FLOAT_MODEL, MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD,
+from .artifact import (FINAL_MODEL, MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD,
                        ArtifactWriter, sha256_file, write_json)
 from .recipe import Recipe, load_recipe
 from .report import REPORT_SCHEMA, render_markdown

@@ -167,8 +167,6 @@ def save_timm_checkpoint(path: str | Path, *, arch: str, state_dict: Any, args: 
         >>> save_timm_checkpoint("m.pth", arch="resnet10t", state_dict=model.state_dict(),
         ...                      args={"num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28)})
     """
-    import torch
-
     path = Path(path)
     for key, value in args.items():
         _check_plain(value, f"args[{key!r}]")
@@ -189,18 +187,34 @@ def save_timm_checkpoint(path: str | Path, *, arch: str, state_dict: Any, args: 
                               fix="rename those keys in extra")
     state.update(extra or {})
 
+    atomic_torch_save(state, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
+
+    Same directory, so os.replace is an atomic rename: readers see the old file or the whole new one, and a
+    crash mid-write leaves no half file. Files are 0644 (mkstemp's 0600 would hide them from a serving user).
+
+    Example:
+        >>> atomic_torch_save({"state_dict": model.state_dict()}, "ckpt.pth")
+    """
+    import torch
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is an atomic rename: readers see the old file or the whole new one.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 # --- reading the file ------------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,8 +55,6 @@ def timm_arch(model) -> str | None:
 def save_pruned(model, path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
                 in_chans: int | None = None, model_kwargs: dict | None = None, extra: dict | None = None) -> Path:
     """Write weights + shape facts atomically; ``arch`` defaults to the model's timm architecture."""
-    import torch
-
     arch = arch or timm_arch(model)
     if arch is None:
         raise CheckpointError("cannot tell which architecture this pruned model was built from",
@@ -73,16 +69,9 @@ def save_pruned(model, path: str | Path, *, arch: str | None = None, num_classes
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .checkpoint import atomic_torch_save
+
+    return atomic_torch_save(payload, path)
 
 
 def _first_conv_in(model) -> int:

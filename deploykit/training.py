@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,6 +33,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import Field
 
+from .checkpoint import atomic_torch_save
 from .recipe import StageConfig
 
 
@@ -225,20 +225,6 @@ def _cache_key(cfg: DistillConfig, student, teacher, train_set, tag: str) -> str
     return h.hexdigest()[:16]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fit_distill(student, teacher, train_set, pre, cfg: DistillConfig, *, log: Callable[[str], None] = print,
                 tag: str = "", prepare_student: Callable[[Any], Any] | None = None):
     """Fine-tune ``student`` against ``teacher`` on ``train_set``; returns (EMA student in eval mode, FitResult).
@@ -250,8 +236,6 @@ def fit_distill(student, teacher, train_set, pre, cfg: DistillConfig, *, log: Ca
         prepare_student: applied to the student after the optimizer-free setup (QAT inserts fake-quant here).
     """
     import torch
-
-    from .evaluate import classification_metrics
 
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -397,7 +381,7 @@ def _fit(student, teacher, train_set, pre, cfg, log, tag, prepare_student):
                       "scheduler": sched.state_dict(), "history": history, "best": best, "best_state": best_state,
                       "bad_epochs": bad, "ema": ema.module.state_dict() if ema else None,
                       "ema_updates": ema.updates if ema else 0}
-                _atomic_save(ck, ckpt_path)
+                atomic_torch_save(ck, ckpt_path)
             if bad >= cfg.patience:
                 stopped = True
                 break
