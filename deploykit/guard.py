@@ -112,21 +112,13 @@ class Requantizer:
         return groups
 
     def quantize(self, exclude: list[str], dst: Path) -> Path:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        batches, name = self._calibration, self.input_name
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self._it = iter(batches)
-
-            def get_next(self):
-                x = next(self._it, None)
-                return None if x is None else {name: np.ascontiguousarray(x, dtype=np.float32)}
+        from .stages.quantize_onnx import calibration_reader
 
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        quantize_static(str(self.pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(self.pre), str(dst), calibration_reader(self._calibration, self.input_name),
+                        quant_format=QuantFormat.QDQ,
                         per_channel=self.kw["per_channel"], activation_type=types[self.kw["activation_type"]],
                         weight_type=types[self.kw["weight_type"]], reduce_range=self.kw["reduce_range"],
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

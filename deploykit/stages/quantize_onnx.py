@@ -23,14 +23,9 @@ from .base import PipelineState, Stage, register
 from .export_onnx import INPUT_NAME
 
 
-def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method: str = "minmax",
-                  per_channel: bool = True, activation_type: str = "uint8", weight_type: str = "int8",
-                  quant_format: str = "qdq", percentile: float = 99.999, exclude_nodes: list[str] | None = None,
-                  reduce_range: bool = True, preprocess: bool = True) -> Path:
-    """Calibrate on ``batches`` and write the quantized model to ``dst``."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def calibration_reader(batches: Iterable[np.ndarray], input_name: str = INPUT_NAME):
+    """An ONNX Runtime CalibrationDataReader over float32 NCHW batches."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -38,7 +33,18 @@ def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method
 
         def get_next(self):
             x = next(self._it, None)
-            return None if x is None else {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            return None if x is None else {input_name: np.ascontiguousarray(x, dtype=np.float32)}
+
+    return Reader()
+
+
+def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method: str = "minmax",
+                  per_channel: bool = True, activation_type: str = "uint8", weight_type: str = "int8",
+                  quant_format: str = "qdq", percentile: float = 99.999, exclude_nodes: list[str] | None = None,
+                  reduce_range: bool = True, preprocess: bool = True) -> Path:
+    """Calibrate on ``batches`` and write the quantized model to ``dst``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
@@ -47,7 +53,7 @@ def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method
             model_in = Path(tmp) / "preprocessed.onnx"
             quant_pre_process(str(src), str(model_in), skip_symbolic_shape=True)
         quantize_static(
-            str(model_in), str(dst), Reader(),
+            str(model_in), str(dst), calibration_reader(batches),
             quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=per_channel,
             reduce_range=reduce_range,
