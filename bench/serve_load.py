@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import os
 import signal
 import socket
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from deploykit.artifact import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,10 +270,7 @@ def main(argv=None) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    write_json(out.with_suffix(".json"), result)
     rows = "\n".join(
         f"| {r['mode']} | {r['throughput_rps']:.1f} | {r['latency_ms']['p50']} | {r['latency_ms']['p90']} | "
         f"{r['latency_ms']['p99']} | {r['requests_ok']} | {r['errors']} | {r['model_call_retries']} | "
@@ -297,9 +295,7 @@ Adaptive batching throughput gain: **{gain:.2f}x**.''' if gain else ''}
 {tta_md}
 Reproduce: `{result['command']}`
 """
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, out.with_suffix(".md"))
+    write_text(out.with_suffix(".md"), md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from deploykit.artifact import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,10 +122,7 @@ def main(argv=None) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    write_json(out.with_suffix(".json"), result)
     lat, r, acc = result["latency_ms"], result["ratio_p50"], result["accuracy"]
     rows = "\n".join(f"| {n} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {r[n]:.2f}x | {s['runs']} |"
                      for n, s in lat.items())
@@ -148,9 +146,7 @@ Target: {len(result["views"])}-view batched TTA <= {result['target_ratio_batched
 
 Reproduce: `{result['command']}`
 """
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, out.with_suffix(".md"))
+    write_text(out.with_suffix(".md"), md)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temp file + rename, so a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write text via a temp file + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (numpy scalars and paths allowed)."""
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

@@ -26,6 +26,7 @@ pytest.importorskip("bentoml")
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
+from helpers import png_header_only  # noqa: E402
 
 from deploykit.serving.decode import decode_image  # noqa: E402
 from deploykit.serving.tta import DEFAULT_VIEWS, predict  # noqa: E402
@@ -208,14 +209,6 @@ def test_image_modes_are_converted_not_rejected(server, direct):
     assert_same(got["LA"], got["L"], atol=1e-6)
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _bad_requests():
@@ -231,7 +224,7 @@ def _bad_requests():
         ("truncated PNG", f(png[: len(png) // 2]), 400, "truncated or corrupt"),
         ("truncated JPEG", f(jpg[: len(jpg) // 2]), 400, "truncated or corrupt"),
         ("over pixel limit", f(big_png), 413, f"1200000 pixels, over the {PIXEL_LIMIT}-pixel limit"),
-        ("decompression bomb", f(_bomb_png(100_000, 100_000)), 413, "decompression bomb|pixel limit"),
+        ("decompression bomb", f(png_header_only(100_000, 100_000)), 413, "decompression bomb|pixel limit"),
         ("wrong field name", f(png, "file"), 400, "unknown form field\\(s\\) 'file'.*-F image=@"),
         ("wrong content type", {"data": png, "headers": {"Content-Type": "image/png"}}, 415,
          "content type 'image/png' is not accepted"),

@@ -1,12 +1,12 @@
 """TTA views and decoding as pure functions (no server): shapes, flips, zooms, averaging, bad bytes."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers import png_header_only
 
 from deploykit.errors import DeployKitError
 from deploykit.serving.decode import InputError, PayloadTooLarge, decode_image
@@ -100,12 +100,6 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height (a decompression bomb's header) with a tiny IDAT."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_decode_rejects_bad_bytes_with_status():
