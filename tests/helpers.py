@@ -24,3 +24,19 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def save_tiny_checkpoint(path, num_classes: int = 10):
+    """A seeded random-weight timm resnet10t (8-64 channels, 1x28x28) saved in timm train.py format."""
+    import timm
+    import torch
+
+    from deploykit.checkpoint import save_timm_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"channels": (8, 16, 32, 64)}
+    model = timm.create_model("resnet10t", num_classes=num_classes, in_chans=1, **kwargs)
+    save_timm_checkpoint(path, arch="resnet10t", state_dict=model.state_dict(),
+                         args={"model": "resnet10t", "num_classes": num_classes, "in_chans": 1,
+                               "input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,), "model_kwargs": kwargs})
+    return path

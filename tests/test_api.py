@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import save_tiny_checkpoint
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -26,14 +27,7 @@ FAST_SELECT = {"stages__select_runtime__rounds": 2, "stages__select_runtime__tim
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A small timm ResNet with random weights, saved in timm train.py format."""
-    torch.manual_seed(0)
-    kwargs = {"channels": (8, 16, 32, 64)}
-    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_timm_checkpoint(path, arch="resnet10t", state_dict=m.state_dict(),
-                         args={"model": "resnet10t", "num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28),
-                               "mean": (0.286,), "std": (0.353,), "model_kwargs": kwargs})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from deploykit import compress  # noqa: E402
-from deploykit.artifact import Artifact  # noqa: E402
 from deploykit.benchmark import (BASELINE_SCHEMA, BENCH_SCHEMA, BenchError, discover_variants,  # noqa: E402
                                  make_baseline, parse_backends, parse_batches, run_benchmark, write_bench)
-from deploykit.checkpoint import save_timm_checkpoint  # noqa: E402
 from deploykit.plots import pareto_front  # noqa: E402
 
 RECIPE = """
@@ -40,14 +36,10 @@ CLI = [sys.executable, "-m", "deploykit"]
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """A tiny random-weight resnet10t compressed to INT8 with real calibration and 200 eval images."""
-    torch.manual_seed(0)
-    kwargs = {"channels": (8, 16, 32, 64)}
-    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
+    from helpers import save_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("bench")
-    ckpt = root / "tiny.pth"
-    save_timm_checkpoint(ckpt, arch="resnet10t", state_dict=m.state_dict(),
-                         args={"num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28), "mean": (0.286,),
-                               "std": (0.353,), "model_kwargs": kwargs})
+    ckpt = save_tiny_checkpoint(root / "tiny.pth")
     recipe = root / "bench-test.yaml"  # the INT8 path without runtime selection: seconds, not minutes
     recipe.write_text(RECIPE)
     res = compress(ckpt, recipe, out=root / "tiny.deploykit", data__name="fashion-mnist", data__eval_images=200,

@@ -39,15 +39,10 @@ READY_TIMEOUT_S = 90
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     from deploykit import compress
-    from deploykit.checkpoint import save_timm_checkpoint
+    from helpers import save_tiny_checkpoint
 
-    torch.manual_seed(0)
-    kwargs = {"channels": (8, 16, 32, 64)}
-    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, **kwargs)
     d = tmp_path_factory.mktemp("serve")
-    save_timm_checkpoint(d / "tiny.pth", arch="resnet10t", state_dict=m.state_dict(),
-                         args={"model": "resnet10t", "num_classes": 10, "in_chans": 1, "input_size": (1, 28, 28),
-                               "mean": (0.286,), "std": (0.353,), "model_kwargs": kwargs})
+    save_tiny_checkpoint(d / "tiny.pth")
     return compress(d / "tiny.pth", "fp32", out=d / "tiny.deploykit", data__name="fashion-mnist",
                     data__eval_images=100, eval__enabled=False).path
 
