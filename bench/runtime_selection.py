@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=str(ROOT / "models/resnet10t_fmnist.pth"), help="for 'reference'")
     p.add_argument("--results", default=str(ROOT / "bench/results"))
     args = p.parse_args(argv)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = resnet50_checkpoint(tmp) if args.model == "resnet50" else Path(args.checkpoint)
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
     sel = facts["select_runtime"]
     record = {"model": args.model, "checkpoint": str(ckpt.name), "date": dt.datetime.now(dt.timezone.utc).isoformat(
         timespec="seconds"), "machine": machine_line(), "versions": versions(),
-        "note": f"measured on a CPU shared with other jobs (1-min load average {os.getloadavg()[0]:.1f} on 2 cores at "
-                "the end of the run): absolute numbers are noisy; "
-                "the candidates were timed alternately in blocks in one run, so their ratios are the comparable part",
+        "note": f"1-min load average on the 2 cores: {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                "(this process alone is ~2); the candidates were timed alternately in blocks in one run, so their "
+                "ratios are the comparable part",
         "command": f"nice -n 10 .venv/bin/python bench/runtime_selection.py {args.model}",
         "notes": [NOTES[args.model], TORCH_CAVEAT],
         "setup": {k: v for k, v in SETUPS[args.model].items()}, "select_runtime": sel,
