@@ -76,6 +76,12 @@ def render_markdown(report: dict) -> str:
         from .guard import sensitivity_markdown
 
         lines += ["", sensitivity_markdown(report["stage_facts"]["accuracy_guard"]).rstrip()]
+    cmp = report.get("stage_facts", {}).get("qat", {}).get("qat_vs_ptq")
+    if cmp:
+        verdict = "QAT beat PTQ" if cmp["qat_beat_ptq"] else "QAT did not beat PTQ"
+        lines += ["", f"## QAT vs PTQ ({cmp['images']} images, {cmp['split']}): {verdict}", "",
+                  "| model | top-1 % | macro-F1 % |", "|---|---|---|"]
+        lines += [f"| {k.upper()} | {_fmt(cmp[k]['top1'])} | {_fmt(cmp[k]['macro_f1'])} |" for k in ("fp32", "ptq", "qat")]
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in report.get("stages", [])]
     env = report.get("environment", {})

@@ -39,6 +39,7 @@ STAGES: Registry[type["Stage"]] = Registry(
         "deploykit.stages.distill",
         "deploykit.stages.accuracy_guard",
         "deploykit.stages.static_pad",
+        "deploykit.stages.qat",
     ),
 )
 

@@ -41,7 +41,7 @@ from .base import PipelineState, Stage, register
 REFERENCE = "onnxruntime-fp32"
 TORCH = "torch-eager-fp32"  # timed beside the candidates as a baseline; never a candidate itself
 VARIANTS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
-            "openvino-int8-onnx", "openvino-qdq")
+            "openvino-int8-onnx", "openvino-qdq", "onnxruntime-qat", "openvino-qat")
 
 
 @dataclass
@@ -171,6 +171,10 @@ def collect_candidates(state: PipelineState, names: list[str] | None, bf16: str)
                              "openvino-fp32", dict(ov)))
     if ort_int8:
         out.append(Candidate("openvino-qdq", "openvino", state.workdir / ort_int8, "int8", "openvino-fp32", dict(ov)))
+    qat = state.facts.get("qat", {}).get("file")
+    if qat:  # the QAT stage's QDQ model, on both runtimes
+        out.append(Candidate("onnxruntime-qat", "onnxruntime", state.workdir / qat, "int8", REFERENCE))
+        out.append(Candidate("openvino-qat", "openvino", state.workdir / qat, "int8", "openvino-fp32", dict(ov)))
     if names is not None:
         out = [c for c in out if c.name in names or c.name == REFERENCE]
     return out

@@ -1,0 +1,97 @@
+"""QAT: fake-quant export is the INT8 model ONNX Runtime runs (7-bit weights, int8 file); the stage runs end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from deploykit import compress  # noqa: E402
+from deploykit.backends import create_backend  # noqa: E402
+from deploykit.errors import DataError, RecipeError  # noqa: E402
+from deploykit.evaluate import fidelity  # noqa: E402
+from deploykit.stages.export_onnx import export_onnx  # noqa: E402
+from deploykit.stages.fuse_bn import fuse_conv_bn  # noqa: E402
+from deploykit.stages.qat import calibrate_observers, export_qat_onnx, prepare_qat  # noqa: E402
+
+REFERENCE = Path(__file__).parents[1] / "models" / "resnet10t_fmnist.pth"
+
+
+def _fused_resnet():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    fuse_conv_bn(model)
+    return model
+
+
+def test_qat_export_is_the_fake_quant_model_with_int8_7bit_weights(tmp_path):
+    model = _fused_resnet()
+    x = torch.randn(64, 1, 28, 28)
+    q = prepare_qat(model, x[:2])
+    calibrate_observers(q, [x[:32], x[32:]])
+    with torch.no_grad():
+        fake = q.eval()(x).numpy()
+        float_out = model(x).numpy()
+    path = export_qat_onnx(q, tmp_path / "qat.onnx", (1, 28, 28))
+    got = create_backend("onnxruntime", path).run(x.numpy())
+    # ONNX Runtime's integer kernels vs torch's float fake-quant: same grid, rounding differs at ties only
+    fid = fidelity(fake, got)
+    assert fid["top1_agreement"] >= 95.0 and fid["sqnr_db"] > 25, fid
+    assert fidelity(float_out, got)["sqnr_db"] > 15          # still the float model, quantized
+
+    graph = onnx.load(str(path)).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
+               and len(t.dims) == 4]
+    assert len(weights) == 15                                  # every conv weight is stored as int8
+    assert max(int(np.abs(w).max()) for w in weights) <= 64    # 7-bit: no VPMADDUBSW saturation without VNNI
+    assert not [n for n in graph.node if n.op_type == "Identity"]
+    assert not [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", (1, 28, 28))
+    assert path.stat().st_size < 0.4 * fp32.stat().st_size
+
+
+def test_untraceable_model_is_refused_with_a_pointer_to_ptq():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    with pytest.raises(RecipeError) as e:
+        prepare_qat(DataDependent(), torch.zeros(2, 1, 8, 8))
+    assert "torch.fx-traceable" in str(e.value) and "int8-ptq" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_qat_needs_labelled_data(tmp_path):
+    with pytest.raises(DataError, match="labelled training images"):
+        compress(REFERENCE, "qat-int8", out=tmp_path / "x", data__name="none", eval__enabled=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_qat_recipe_on_the_reference_keeps_accuracy_and_reports_ptq_beside_it(tmp_path):
+    res = compress(REFERENCE, "qat-int8", out=tmp_path / "q.deploykit", data__name="fashion-mnist",
+                   data__eval_images=1000, data__calibration_images=256,
+                   stages__qat__max_train_images=2000, stages__qat__cache_dir=str(tmp_path / "cache"),
+                   stages__select_runtime__rounds=2, stages__select_runtime__time_torch=False,
+                   stages__select_runtime__time_budget_s=3.0,
+                   eval__latency_runs=5, eval__warmup_runs=1, eval__latency_budget_s=2.0)
+    rep = res.report
+    orig, comp = rep["models"]["original"], rep["models"]["compressed"]
+    assert comp["precision"] == "int8" or rep["stage_facts"]["select_runtime"]["chosen"].endswith("fp32")
+    assert abs(orig["top1"] - comp["top1"]) <= 1.5              # 1000 test images
+    facts = rep["stage_facts"]["qat"]
+    assert facts["fidelity_vs_fake_quant"]["top1_agreement"] >= 97.0
+    cmp = facts["qat_vs_ptq"]
+    assert cmp["images"] == 6000                                # the held-out 10% of the train split
+    assert abs(cmp["qat"]["top1"] - cmp["fp32"]["top1"]) <= 1.0 and abs(cmp["ptq"]["top1"] - cmp["fp32"]["top1"]) <= 1.0
+    assert cmp["qat_beat_ptq"] == (cmp["qat"]["top1"] > cmp["ptq"]["top1"])
+    assert "## QAT vs PTQ" in (res.path / "report.md").read_text()
+    assert not (res.path / "model.ptq-compare.onnx").exists()
+    names = {c["name"] for c in rep["stage_facts"]["select_runtime"]["candidates"]}
+    assert {"onnxruntime-qat", "openvino-qat"} <= names
