@@ -112,20 +112,31 @@ def calibrate_observers(qmodel, batches) -> None:
 def export_qat_onnx(qmodel, path: Path, input_size: tuple[int, int, int], opset: int = 17) -> Path:
     """Write the frozen fake-quant model as QDQ ONNX that ONNX Runtime runs as INT8."""
     import torch
+    from torch.ao.quantization import FakeQuantize
 
     from .export_onnx import export_onnx
 
-    for m in qmodel.modules():
-        wfq = getattr(m, "weight_fake_quant", None)
-        if wfq is None:
-            continue
-        # ONNX QuantizeLinear only knows the full int8 range. Bake the 7-bit rounding into the weights first:
-        # re-quantizing already-quantized weights with the same scale and the wider range is exact.
-        with torch.no_grad():
-            m.weight.copy_(wfq(m.weight))
-        wfq.quant_min, wfq.quant_max = -128, 127
-        wfq.activation_post_process.quant_min, wfq.activation_post_process.quant_max = -128, 127
-    export_onnx(qmodel.eval(), path, input_size, opset)
+    weight_quantizers = [(m.weight, m.weight_fake_quant) for m in qmodel.modules() if hasattr(m, "weight_fake_quant")]
+    for node in qmodel.graph.nodes:  # weights FX quantizes as plain inputs (a Conv2d subclass traced to F.conv2d)
+        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "get_attr":
+            fq = qmodel.get_submodule(node.target)
+            if isinstance(fq, FakeQuantize):
+                weight_quantizers.append((qmodel.get_parameter(node.args[0].target), fq))
+    with torch.no_grad():
+        for weight, fq in weight_quantizers:
+            # Bake the 7-bit rounding into the weights: re-quantizing them with the same scale and the full int8
+            # range below is then exact (ONNX QuantizeLinear only knows the full range).
+            weight.copy_(fq(weight))
+    for fq in qmodel.modules():
+        if isinstance(fq, FakeQuantize) and (fq.quant_min, fq.quant_max) == WEIGHT_RANGE_7BIT:
+            # FakeQuantize.forward reads the range from its observer, not from itself: widen both
+            fq.quant_min, fq.quant_max = -128, 127
+            fq.activation_post_process.quant_min, fq.activation_post_process.quant_max = -128, 127
+    try:
+        export_onnx(qmodel.eval(), path, input_size, opset)
+    except Exception as e:  # the exporter's messages embed the whole graph: keep the first line
+        raise ParityError(f"exporting the QAT model to ONNX failed: {str(e).splitlines()[0][:300]}",
+                          fix="use the int8-ptq recipe for this model, and report it as a bug") from e
     tidy_qdq_onnx(path)
     return path
 
@@ -202,6 +213,18 @@ def tidy_qdq_onnx(path: Path) -> dict:
     return {"scalarized_qparams": scalars, "folded_weights": folded, "dropped_initializers": len(unused)}
 
 
+def _run_reference_semantics(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits of ``path`` with every ONNX Runtime graph optimisation off: Q/DQ run as written, no fused kernels."""
+    import onnxruntime as ort
+
+    from .export_onnx import INPUT_NAME
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, {INPUT_NAME: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+
+
 class QatConfig(DistillConfig):
     """The KD trainer's options with QAT defaults (short, low learning rate: the model is already trained)."""
 
@@ -213,7 +236,8 @@ class QatConfig(DistillConfig):
     compare_ptq: bool = Field(True, description="also quantize with PTQ and report both on the validation images")
     opset: int = Field(17, ge=13, le=23)
     min_agreement_with_fake_quant: float = Field(
-        97.0, ge=0, le=100, description="% top-1 agreement of the ONNX export with the torch fake-quant model")
+        99.0, ge=0, le=100, description="% top-1 agreement of the ONNX export (reference QDQ semantics) with the "
+                                        "torch fake-quant model")
 
 
 @register("qat")
@@ -254,19 +278,24 @@ class Qat(Stage):
         x = state.check_inputs()
         with torch.inference_mode():
             fq = np.concatenate([qmodel(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
-        run = lambda p: np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64])  # noqa: E731
-                                        for i in range(0, len(x), 64)])
-        got, ref = run(dst), run(state.onnx_fp32_path)
-        vs_fake_quant = fidelity(fq, got)
+        # Export correctness is judged on ONNX's reference QDQ semantics (graph optimisations off: float math on
+        # dequantized values, what the fake-quant model computes). The fused integer kernels round each layer's
+        # requantization their own way; on a fragile model that alone moves logits (tf_efficientnet_lite0 on
+        # Fashion-MNIST-LT: 34 dB vs the reference semantics, 18 dB with ORT's kernels, 20 dB with OpenVINO's),
+        # so the kernels are judged by accuracy, like every other INT8 model, not by this check.
+        vs_fake_quant = fidelity(fq, _run_reference_semantics(dst, x))
         if vs_fake_quant["top1_agreement"] < c.min_agreement_with_fake_quant:
             raise ParityError(f"the QAT ONNX export agrees with its torch fake-quant model on only "
                               f"{vs_fake_quant['top1_agreement']:.1f}% of inputs "
                               f"(limit {c.min_agreement_with_fake_quant}%)",
                               fix="report the model as a bug; meanwhile use the int8-ptq recipe")
+        run = lambda p: np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64])  # noqa: E731
+                                        for i in range(0, len(x), 64)])
+        got, ref = run(dst), run(state.onnx_fp32_path)
         facts = {"file": dst.name, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
                  "history": res.history, "train_images": res.train_images, "reduce_range": c.reduce_range,
                  "calibration_images": int(len(calib)), "fidelity_vs_fp32": fidelity(ref, got),
-                 "fidelity_vs_fake_quant": vs_fake_quant}
+                 "fidelity_vs_fake_quant": vs_fake_quant, "kernels_vs_fake_quant": fidelity(fq, got)}
 
         if c.compare_ptq:  # same float ONNX, same calibration images, judged on the held-out train slice
             from .quantize_onnx import quantize_onnx
