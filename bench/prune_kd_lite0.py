@@ -1,9 +1,12 @@
-"""Prune 50% MACs + KD + INT8 (accuracy guard) on the long-tailed EfficientNet-Lite0 reference; with and
-without class-balanced sampling. Uses only deploykit's public functions.
+"""Prune 50% MACs + KD + INT8 on the long-tailed EfficientNet-Lite0 reference; with and without class-balanced
+sampling. INT8 is PTQ + accuracy guard (--recipe prune-kd-int8) or QAT (--recipe prune-kd-qat-int8). Uses only
+deploykit's public functions.
 
-Usage (what bench/results/prune_kd_lite0.md was measured with):
+Usage:
     nice -n 10 python bench/prune_kd_lite0.py --checkpoint models/efficientnet_lite0_fmnist_lt.pth \
-        --epochs 2 --max-train-images 4000 --eval-images 2000 --balance none sampler
+        --epochs 2 --max-train-images 4000 --eval-images 2000 --balance none sampler      # prune_kd_lite0.md
+    python bench/prune_kd_lite0.py --recipe prune-kd-qat-int8 --epochs 4 --max-train-images 0 \
+        --eval-images 10000 --balance sampler --results bench/results/prune_kd_qat_lite0    # prune_kd_qat_lite0.md
 """
 
 from __future__ import annotations
@@ -27,17 +30,26 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     from deploykit.guard import sensitivity_markdown
     from deploykit.recipe import DataConfig
 
-    out = Path(args.out_dir) / f"lite0_prune_kd_{balance}.deploykit"
+    from deploykit.recipe import load_recipe
+
+    out = Path(args.out_dir) / f"lite0_{args.recipe}_{balance}.deploykit"
     t0 = time.time()
-    res = compress(args.checkpoint, "prune-kd-int8", out=out, overwrite=True,
-                   data__name="fashion-mnist-lt", data__eval_images=args.eval_images,
-                   data__calibration_images=256, eval__latency_runs=args.latency_runs,
-                   stages__prune__macs_reduction=args.macs_reduction,
-                   stages__distill__epochs=args.epochs, stages__distill__max_train_images=args.max_train_images,
-                   stages__distill__balance=balance, stages__distill__threads=args.threads,
-                   stages__distill__lr=args.lr,
-                   stages__accuracy_guard__max_drop=args.max_drop, stages__accuracy_guard__images=args.guard_images,
-                   stages__accuracy_guard__rank_always=rank_always)
+    stages = {s.name for s in load_recipe(args.recipe).stages}
+    cap = args.max_train_images or None  # 0 = the whole train split
+    overrides = dict(data__name="fashion-mnist-lt", data__eval_images=args.eval_images,
+                     data__calibration_images=256, eval__latency_runs=args.latency_runs,
+                     stages__prune__macs_reduction=args.macs_reduction,
+                     stages__distill__epochs=args.epochs, stages__distill__max_train_images=cap,
+                     stages__distill__balance=balance, stages__distill__threads=args.threads,
+                     stages__distill__lr=args.lr)
+    if "accuracy_guard" in stages:
+        overrides.update(stages__accuracy_guard__max_drop=args.max_drop,
+                         stages__accuracy_guard__images=args.guard_images,
+                         stages__accuracy_guard__rank_always=rank_always)
+    if "qat" in stages:
+        overrides.update(stages__qat__balance=balance, stages__qat__threads=args.threads,
+                         stages__qat__max_train_images=cap)
+    res = compress(args.checkpoint, args.recipe, out=out, overwrite=True, **overrides)
     rep = res.report
     # forgetting: the same eval images through the original (torch) and the artifact's final model
     data = resolve_data(DataConfig(name="fashion-mnist-lt", eval_images=args.eval_images))
@@ -49,14 +61,15 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     # the issue's speed bar: the ORIGINAL (unpruned) model as FP32 ONNX vs the final artifact, batch 32,
     # interleaved on the same input so machine noise hits both alike
     from deploykit.stages.export_onnx import export_onnx
-    from deploykit.timing import measure_interleaved
+    from deploykit.timing import measure_in_blocks
 
     orig_onnx = export_onnx(load_checkpoint(args.checkpoint).model.eval(), out.parent / "lite0_original.fp32.onnx",
                             pre.input_size)
     ref_b, new_b = create_backend("onnxruntime", orig_onnx), art.backend()
     x32 = data.eval.load(pre, np.arange(32))
-    lat = measure_interleaved({"original_fp32_onnx": ref_b.run, "compressed": new_b.run}, x32, warmup=3,
-                              runs=args.latency_runs, time_budget_s=60)
+    # alternating blocks, not run-by-run interleaving: one runtime's spinning thread pool must not tax the other
+    lat = measure_in_blocks({"original_fp32_onnx": ref_b.run, "compressed": new_b.run}, x32, rounds=20,
+                            block_runs=max(1, args.latency_runs // 4), warmup=1, time_budget_s=60)
     m = rep["models"]
     row = {
         "balance": balance, "seconds": round(time.time() - t0, 1), "artifact": str(out),
@@ -72,18 +85,21 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
         "prune": {k: v for k, v in rep["stage_facts"]["prune"].items() if k != "search"},
         "distill": {k: v for k, v in rep["stage_facts"]["distill"].items() if k != "history"},
         "distill_history": rep["stage_facts"]["distill"]["history"],
-        "guard": rep["stage_facts"]["accuracy_guard"],
+        "recipe": args.recipe, "chosen_runtime": rep["stage_facts"].get("select_runtime", {}).get("chosen"),
+        "guard": rep["stage_facts"].get("accuracy_guard"),
+        "qat": {k: v for k, v in rep["stage_facts"].get("qat", {}).items() if k != "history"} or None,
         "forgetting": forg,
         "environment": rep.get("environment"),
         "notes": rep.get("notes"),
     }
-    row["markdown"] = forgetting_markdown(forg) + "\n" + sensitivity_markdown(row["guard"])
+    row["markdown"] = forgetting_markdown(forg) + ("\n" + sensitivity_markdown(row["guard"]) if row["guard"] else "")
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="models/efficientnet_lite0_fmnist_lt.pth")
+    ap.add_argument("--recipe", default="prune-kd-int8", help="prune-kd-int8 (PTQ + guard) or prune-kd-qat-int8")
     ap.add_argument("--out-dir", default="/tmp/deploykit-bench")
     ap.add_argument("--results", default="bench/results/prune_kd_lite0")
     ap.add_argument("--balance", nargs="+", default=["none", "sampler"])
