@@ -7,7 +7,8 @@ OpenVINO, OpenVINO BF16 where the CPU has it. All variants of all artifacts are 
 *interleaved in one process* (deploykit.benchmark.benchmark_variants) and evaluated on the same images.
 
 Usage:
-    python bench/sweep.py models/resnet10t_fmnist.pth --ratios 0,0.3,0.5 --batch 1,32 --out bench/results/sweep_fmnist
+    python bench/sweep.py models/resnet10t_fmnist.pth --ratios 0,0.3,0.5 --recover distill --recover-epochs 2 \
+        --recover-images 20000 --batch 1,32 --out bench/results/sweep_reference
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from deploykit.recipe import parse_recipe
 from deploykit.stages import STAGES
 
 
-def recipe_for(ratio: float, recover: str | None, calibration_images: int) -> dict:
+def recipe_for(ratio: float, recover: str | None, calibration_images: int, recover_config: dict | None = None) -> dict:
     stages: list = ["fuse_bn"]
     if ratio > 0:
         stages.insert(0, {"prune": {"ratio": ratio}})  # prune the float model before BN is folded away
         if recover:
-            stages.insert(1, recover)
+            stages.insert(1, {recover: recover_config} if recover_config else recover)
     stages += [{"export_onnx": {"opset": 17}}, {"quantize_onnx": {"method": "minmax", "per_channel": True}}]
     if "quantize_openvino" in STAGES:
         stages.append("quantize_openvino")
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--ratios", default="0,0.3,0.5")
     ap.add_argument("--recover", default=None, help="stage run after prune to recover accuracy (e.g. distill)")
+    ap.add_argument("--recover-epochs", type=int, default=None, help="epochs of the recovery stage (its default if unset)")
+    ap.add_argument("--recover-images", type=int, default=None, help="training images per epoch of the recovery stage")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--calibration-images", type=int, default=256)
@@ -73,7 +76,8 @@ def main() -> int:
     variants, skipped, pre, arts = [], [], None, {}
     for ratio in ratios:
         out = Path(args.work) / f"prune{ratio:g}.deploykit"
-        recipe = parse_recipe(recipe_for(ratio, args.recover, args.calibration_images), "bench/sweep.py")
+        rc = {k: v for k, v in (("epochs", args.recover_epochs), ("max_train_images", args.recover_images)) if v}
+        recipe = parse_recipe(recipe_for(ratio, args.recover, args.calibration_images, rc), "bench/sweep.py")
         print(f"== building prune ratio {ratio:g}: {[s.name for s in recipe.stages]}", flush=True)
         if not (args.reuse and (out / "manifest.json").is_file()):
             compress(args.checkpoint, recipe, out=out, overwrite=True, data__name=args.data)

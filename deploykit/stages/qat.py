@@ -74,7 +74,11 @@ def strip_identities(model):
 
 
 def prepare_qat(model, example, reduce_range: bool = True):
-    """Fake-quantized copy of a (BN-fused) float model, ready to train. ``example``: one input batch."""
+    """Fake-quantized GraphModule of a (BN-fused) float model, ready to train. ``example``: one input batch.
+
+    The result shares its parameters with ``model`` (training it changes ``model``'s weights): pass a copy
+    if the float model must survive, as the pipeline does (its ``state.model`` is a copy of the teacher).
+    """
     import torch
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
