@@ -287,6 +287,8 @@ def _fit(student, teacher, train_set, pre, cfg, log, tag, prepare_student):
 
     if prepare_student is not None:
         student = prepare_student(student)
+    # a student that is itself a returned EMA model (distill -> qat) arrives with gradients switched off
+    student.requires_grad_(True)
     student.train()
     decay, no_decay = [], []
     for n, p in student.named_parameters():

@@ -147,3 +147,15 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
         results[n] = torch.load(out, weights_only=True)
     for k in results[1]:
         assert torch.allclose(results[1][k], results[2][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_a_returned_ema_model_can_be_trained_again(teacher, tmp_path):
+    """distill -> qat: the first fit returns the EMA model with gradients off; the second fit must still train it."""
+    torch.manual_seed(2)
+    frozen = TinyNet()
+    frozen.requires_grad_(False)
+    before = [p.detach().clone() for p in frozen.parameters()]
+    cfg = DistillConfig(epochs=1, batch_size=32, lr=3e-3, progress=False, resume=False, threads=1, ema_decay=0,
+                        max_train_images=256)
+    trained, _ = fit_distill(frozen, teacher, _fmnist(400), PRE, cfg)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
