@@ -79,8 +79,11 @@ def forgetting_markdown(report: dict) -> str:
              f"Top-1 {o['top1_original']:.2f}% -> {o['top1_compressed']:.2f}% (drop {o['top1_drop']:.2f}), macro-F1 "
              f"{o['macro_f1_original']:.2f} -> {o['macro_f1_compressed']:.2f}. Compression-identified exemplars "
              f"(right before, wrong after): **{o['cie']}** of {o['images']} images ({o['cie_percent']:.2f}%); "
-             f"{o['gained']} went the other way. Flagged: classes whose recall fell by more than "
-             f"{o['flag_threshold_recall_drop']:.2f} points (2x the overall drop).", "",
+             f"{o['gained']} went the other way. Flagged: " + (
+                 f"classes whose recall fell by more than {o['flag_threshold_recall_drop']:.2f} points (2x the "
+                 "overall drop)." if o['top1_drop'] > 0 else
+                 "every class whose recall fell (overall top-1 did not drop, so any loss is a class paying for "
+                 "the others)."), "",
              "| class | support | recall orig | recall comp | change | F1 orig | F1 comp | change | CIEs | flag |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in report["classes"]:
