@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deploykit.errors import DeployKitError, RecipeError
-from deploykit.stages.select_runtime import choose_runtime, time_in_blocks
+from deploykit.stages.select_runtime import budget_notes, choose_runtime, time_in_blocks
 
 
 def row(name, counterpart, bs1, bs32, ok=True):
@@ -79,6 +79,18 @@ def test_nothing_within_budget_ships_the_fp32_reference():
     assert d["chosen"] == "onnxruntime-fp32" and "no candidate met the budget" in d["reason"]
     with pytest.raises(ValueError, match="reference 'onnxruntime-fp32' was not measured"):
         choose_runtime(rows[1:])
+
+
+def test_accuracy_budget_rules():
+    rules = dict(min_top1_agreement=90.0, min_sqnr_db=20.0, max_top1_drop=0.5)
+    low_fidelity = {"top1_agreement": 82.0, "sqnr_db": 10.7}
+    # a PTQ model must stay close to FP32; a QAT model with labels is judged by accuracy alone
+    assert budget_notes(low_fidelity, -6.3, retrained=False, **rules) == ["agreement 82.00% < 90.0% at SQNR 10.7 dB < 20.0"]
+    assert budget_notes(low_fidelity, -6.3, retrained=True, **rules) == []
+    assert budget_notes(low_fidelity, 1.36, retrained=True, **rules) == ["top-1 drop 1.36 > 0.5 points"]
+    # without labels even a QAT model falls back to fidelity; near-tied logits at high SQNR pass
+    assert budget_notes(low_fidelity, None, retrained=True, **rules)
+    assert budget_notes({"top1_agreement": 87.5, "sqnr_db": 36.0}, None, retrained=False, **rules) == []
 
 
 def test_time_in_blocks_measures_real_durations():
