@@ -4,7 +4,8 @@ Usage: python bench/serve_memprobe.py ARTIFACT SECONDS    (batching off, tta=tru
 """
 import sys, threading, time, tempfile
 from pathlib import Path
-sys.path.insert(0, "/work/main/bench"); sys.path.insert(0, "/work/main")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench")); sys.path.insert(0, str(ROOT))
 import psutil
 from serve_load import Server, test_pngs, run_clients
 art = Path(sys.argv[1]); secs = float(sys.argv[2])
