@@ -31,15 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from deploykit.artifact import write_json, write_text
+from reference_artifact import add_artifact_args, build_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "resnet10t_fmnist.pth")
-    p.add_argument("--artifact", type=Path, help="serve this artifact instead of compressing --checkpoint")
-    p.add_argument("--recipe", default="int8-ptq")
+    add_artifact_args(p, "serve this artifact instead of compressing --checkpoint")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--modes", default="on,off", help="adaptive batching modes to run, in order")
@@ -246,14 +245,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pngs = test_pngs()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        artifact = args.artifact
-        if artifact is None:
-            if not args.checkpoint.is_file():
-                sys.exit(f"error: {args.checkpoint} not found. Fix: train it or pass --artifact")
-            from deploykit import compress
-
-            artifact = compress(args.checkpoint, args.recipe, out=Path(tmp) / "ref.deploykit",
-                                data__name="fashion-mnist", eval__enabled=False).path
+        artifact = build_artifact(args, Path(tmp))
         runs = [run_mode(artifact.resolve(), m.strip(), args, pngs, Path(tmp)) for m in args.modes.split(",")]
     result = {"what": "load test of bentoml serve deploykit.serving:Classifier on 127.0.0.1",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

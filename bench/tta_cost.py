@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from deploykit.artifact import write_json, write_text
+from reference_artifact import add_artifact_args, build_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "resnet10t_fmnist.pth")
-    p.add_argument("--artifact", type=Path, help="use this artifact instead of compressing --checkpoint")
-    p.add_argument("--recipe", default="int8-ptq")
+    add_artifact_args(p, "use this artifact instead of compressing --checkpoint")
     p.add_argument("--views", default="original,hflip,scale:0.9,scale:1.1")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores, as served)")
     p.add_argument("--runs", type=int, default=300)
@@ -43,18 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=10_000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tta_cost")
     return p.parse_args(argv)
-
-
-def build_artifact(args, workdir: Path) -> Path:
-    if args.artifact:
-        return args.artifact
-    if not args.checkpoint.is_file():
-        sys.exit(f"error: {args.checkpoint} not found. Fix: train it (models/train_reference.py) or pass --artifact")
-    from deploykit import compress
-
-    out = workdir / "ref.deploykit"
-    compress(args.checkpoint, args.recipe, out=out, data__name="fashion-mnist", eval__enabled=False)
-    return out
 
 
 def main(argv=None) -> dict:
