@@ -264,11 +264,14 @@ class Qat(Stage):
         if state.onnx_fp32_path is None:
             raise ParityError("qat needs the float ONNX model to check against", fix="put export_onnx before it")
         calib = state.calibration_inputs()
-        bs = c.calibration_batch_size
+
+        def calibration_batches():
+            bs = c.calibration_batch_size
+            return (calib[i:i + bs] for i in range(0, len(calib), bs))
 
         def prepare(model):
             q = prepare_qat(model, calib[:2], c.reduce_range)
-            calibrate_observers(q, (calib[i:i + bs] for i in range(0, len(calib), bs)))
+            calibrate_observers(q, calibration_batches())
             q.apply(torch.ao.quantization.enable_observer)  # the ranges follow the weights while training
             return q
 
@@ -276,7 +279,7 @@ class Qat(Stage):
             warnings.simplefilter("ignore", DeprecationWarning)
             qmodel, res = fit_distill(state.model, state.teacher, state.data.train, state.preprocessing, c,
                                       log=state.log, tag="qat", prepare_student=prepare)
-            calibrate_observers(qmodel, (calib[i:i + bs] for i in range(0, len(calib), bs)))
+            calibrate_observers(qmodel, calibration_batches())
             dst = export_qat_onnx(qmodel, state.workdir / QAT_FILE, state.preprocessing.input_size, c.opset)
 
         x = state.check_inputs()
@@ -304,8 +307,8 @@ class Qat(Stage):
         if c.compare_ptq:  # same float ONNX, same calibration images, judged on the held-out train slice
             from .quantize_onnx import quantize_onnx
 
-            ptq = quantize_onnx(state.onnx_fp32_path, state.workdir / "model.ptq-compare.onnx",
-                                (calib[i:i + bs] for i in range(0, len(calib), bs)), reduce_range=c.reduce_range)
+            ptq = quantize_onnx(state.onnx_fp32_path, state.workdir / "model.ptq-compare.onnx", calibration_batches(),
+                                reduce_range=c.reduce_range)
             val = state.data.train.subset(res.val_indices)
             scores = {}
             for name, path in (("fp32", state.onnx_fp32_path), ("ptq", ptq), ("qat", dst)):
