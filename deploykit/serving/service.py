@@ -15,6 +15,7 @@ Configuration (environment, read at import in every worker):
     DEPLOYKIT_TTA_DEFAULT  "true"/"false": TTA for requests that do not say (default true)
     DEPLOYKIT_BATCHING   "0" turns adaptive batching off (for the load-test comparison)
     DEPLOYKIT_MAX_BATCH_SIZE / DEPLOYKIT_MAX_LATENCY_MS   adaptive batching bounds (default 64 / 1000)
+    DEPLOYKIT_INFER_TIMEOUT_S   a model call unanswered this long is retried (default 10)
     DEPLOYKIT_WORKERS / DEPLOYKIT_MODEL_WORKERS   processes per service (default 1 / 1)
     DEPLOYKIT_MAX_PIXELS / DEPLOYKIT_MAX_BYTES / DEPLOYKIT_MAX_IMAGES   input limits
 
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from ..artifact import Artifact  # noqa: E402
-from . import decode, store, tta  # noqa: E402
+from . import decode, retry, store, tta  # noqa: E402
 
 logger = logging.getLogger("bentoml.deploykit")
 
@@ -62,6 +63,9 @@ MAX_IMAGES = int(os.environ.get("DEPLOYKIT_MAX_IMAGES", 32))
 TTA_VIEWS = tta.parse_views(os.environ.get("DEPLOYKIT_TTA"))
 TTA_DEFAULT = _env_bool("DEPLOYKIT_TTA_DEFAULT", True)
 INFER_RETRIES = 2
+# A model call that has not answered in this long is abandoned and retried: normal calls take milliseconds
+# (batches form within max_latency_ms), a stalled keep-alive connection never answers (serving/retry.py).
+INFER_TIMEOUT_S = float(os.environ.get("DEPLOYKIT_INFER_TIMEOUT_S", 10))
 
 
 def model_threads() -> int:
@@ -262,25 +266,9 @@ class Classifier:
         return out
 
     async def _infer(self, x: np.ndarray) -> np.ndarray:
-        """Call the model service; retry a dropped pooled connection (inference is idempotent).
-
-        BentoML's internal aiohttp client reuses keep-alive connections that the model worker's uvicorn
-        may already have closed: under concurrent load ~2-5% of calls fail with ServerDisconnectedError
-        (bentoml/BentoML#4971, fix proposed in #5698). A fresh attempt on a new connection succeeds.
-        """
-        import aiohttp
-
-        for attempt in range(INFER_RETRIES + 1):
-            try:
-                return await self.model.to_async.infer(x)
-            except (aiohttp.ClientConnectionError, RuntimeError) as err:
-                # aiohttp raises RuntimeError("Connection closed.") when the drop hits while reading the body
-                dropped = not isinstance(err, RuntimeError) or "Connection closed" in str(err)
-                if not dropped or attempt == INFER_RETRIES:
-                    raise
-                logger.warning("model call dropped (%s: %s), retry %d/%d", type(err).__name__, err, attempt + 1,
-                               INFER_RETRIES)
-        raise AssertionError("unreachable")
+        """Call the model service; a dropped or stalled call is retried (see serving/retry.py)."""
+        return await retry.call_with_retries(lambda: self.model.to_async.infer(x), timeout_s=INFER_TIMEOUT_S,
+                                             retries=INFER_RETRIES, log=logger.warning)
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int = 5, tta: t.Optional[bool] = None) -> Classification:
