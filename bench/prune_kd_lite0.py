@@ -47,8 +47,9 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
                          stages__accuracy_guard__images=args.guard_images,
                          stages__accuracy_guard__rank_always=rank_always)
     if "qat" in stages:
+        # --max-drop is the budget select_runtime holds the QAT variants to (as `deploykit compress --max-drop`)
         overrides.update(stages__qat__balance=balance, stages__qat__threads=args.threads,
-                         stages__qat__max_train_images=cap)
+                         stages__qat__max_train_images=cap, stages__select_runtime__max_top1_drop=args.max_drop)
     res = compress(args.checkpoint, args.recipe, out=out, overwrite=True, **overrides)
     rep = res.report
     # forgetting: the same eval images through the original (torch) and the artifact's final model
@@ -85,7 +86,7 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
         "prune": {k: v for k, v in rep["stage_facts"]["prune"].items() if k != "search"},
         "distill": {k: v for k, v in rep["stage_facts"]["distill"].items() if k != "history"},
         "distill_history": rep["stage_facts"]["distill"]["history"],
-        "recipe": args.recipe, "chosen_runtime": rep["stage_facts"].get("select_runtime", {}).get("chosen"),
+        "max_drop": args.max_drop, "recipe": args.recipe, "chosen_runtime": rep["stage_facts"].get("select_runtime", {}).get("chosen"),
         "guard": rep["stage_facts"].get("accuracy_guard"),
         "qat": {k: v for k, v in rep["stage_facts"].get("qat", {}).items() if k != "history"} or None,
         "forgetting": forg,

@@ -82,7 +82,7 @@ def compress(
     prune: Optional[float] = typer.Option(None, min=0.0, max=0.95,
                                           help="preset: prune this fraction of MACs + KD fine-tune + INT8 (prune-kd-int8)"),
     max_drop: Optional[float] = typer.Option(None, min=0.0,
-                                             help="accuracy budget in top-1 points: keep sensitive layers in float"),
+                                             help="accuracy budget in top-1 points: PTQ keeps sensitive layers in float; QAT recipes: the most select_runtime may lose"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on this many images (default: whole split)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory (default <ckpt-stem>.deploykit)"),
@@ -101,7 +101,11 @@ def compress(
                 raise DeployKitError("--prune builds an INT8 model", fix="use --prune with --int8 (or alone)")
             recipe, int8 = "prune-kd-int8", False
         r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32, tgt))
-        if max_drop is not None and not r.stage("accuracy_guard"):
+        budget_stage = "accuracy_guard"
+        if max_drop is not None and not r.stage("accuracy_guard") and r.stage("qat") and r.stage("select_runtime"):
+            # a QAT model is judged by select_runtime (the guard would re-quantize it with PTQ, undoing QAT)
+            budget_stage = "select_runtime"
+        elif max_drop is not None and not r.stage("accuracy_guard"):
             if not r.stage("quantize_onnx"):
                 raise DeployKitError(f"--max-drop needs an INT8 recipe, {r.name!r} has no quantize_onnx stage",
                                      fix="use --int8 or --prune with --max-drop")
@@ -123,7 +127,7 @@ def compress(
             "eval.threads": threads,
             f"stages.{calib_stage}.method": calibration_method.value if calibration_method else None,
             "stages.prune.macs_reduction": prune,
-            "stages.accuracy_guard.max_drop": max_drop,
+            f"stages.{budget_stage}.{'max_drop' if budget_stage == 'accuracy_guard' else 'max_top1_drop'}": max_drop,
         })
         if dry_run:
             typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)

@@ -82,3 +82,17 @@ def test_cli_conflicting_presets_exit_2():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: choose one of") and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("recipe, stage, field", [("int8-ptq", "accuracy_guard", "max_drop"),
+                                                  ("prune-kd-int8", "accuracy_guard", "max_drop"),
+                                                  ("qat-int8", "select_runtime", "max_top1_drop")])
+def test_cli_max_drop_sets_the_budget_of_the_stage_that_decides(recipe, stage, field):
+    # PTQ: the accuracy guard keeps layers in float; QAT: select_runtime refuses variants over the budget
+    # (the guard would re-quantize a QAT model with PTQ)
+    out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--recipe", recipe,
+                          "--max-drop", "0.7", "--dry-run"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    resolved = parse_recipe(yaml.safe_load(out.stdout))
+    assert getattr(resolved.stage(stage).config, field) == 0.7
+    assert (resolved.stage("accuracy_guard") is None) == (recipe == "qat-int8")
