@@ -41,13 +41,17 @@ def parse_args(argv=None):
     add_artifact_args(p, "serve this artifact instead of compressing --checkpoint")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--modes", default="on,off", help="adaptive batching modes to run, in order")
+    p.add_argument("--modes", default="on,off", help="adaptive batching modes to run, in order (repeats allowed: "
+                                                      "on,off,off,on cancels drift)")
     p.add_argument("--tta", choices=("true", "false"), default="true")
     p.add_argument("--threads", type=int, default=None, help="DEPLOYKIT_THREADS for the model worker")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra server environment, e.g. DEPLOYKIT_WORKERS=2 (repeatable)")
     p.add_argument("--tta-rounds", type=int, default=200,
                    help="before the load (batching-on server): one client alternating tta=true/false requests, "
                         "this many of each, for the per-request cost of TTA (0 = skip)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load")
+    p.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here (default: a temp dir)")
     a = p.parse_args(argv)
     a.clients, a.seconds = max(1, min(a.clients, 64)), max(1.0, min(a.seconds, 600.0))
     return a
@@ -57,6 +61,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """user+system CPU seconds of every process in the server tree, keyed by role (api/model/root)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline())
+            role = "model" if "deploykit-model" in cmd else "api" if "--worker-id" in cmd else "root"
+            t = p.cpu_times()
+            out[role] = out.get(role, 0.0) + t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -77,14 +102,14 @@ def tree_rss_mb(pid: int) -> float:
 
 
 class Server:
-    """`bentoml serve deploykit.serving:Classifier` in its own process group; always stopped on exit."""
+    """`bentoml serve TARGET` (default deploykit.serving:Classifier) in its own process group; always stopped on exit."""
 
-    def __init__(self, artifact: Path, env: dict, log: Path):
+    def __init__(self, artifact: Path, env: dict, log: Path, target: str = "deploykit.serving:Classifier"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "DEPLOYKIT_ARTIFACT": str(artifact), **env}
         self.log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "deploykit.serving:Classifier",
+        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", target,
                                       "--port", str(self.port), "--host", "127.0.0.1"], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -143,9 +168,11 @@ def run_clients(url: str, pngs: list[bytes], clients: int, seconds: float, tta: 
     import requests
 
     latencies: list[list[float]] = [[] for _ in range(clients)]
+    in_time = [0] * clients  # successes finished by the deadline: throughput must not count a straggler's wait
     errors: list[dict] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
 
     def client(i: int) -> None:
         with requests.Session() as s:
@@ -164,9 +191,13 @@ def run_clients(url: str, pngs: list[bytes], clients: int, seconds: float, tta: 
                 ms = (time.perf_counter() - t0) * 1e3
                 if ok:
                     latencies[i].append(ms)
+                    in_time[i] += time.monotonic() <= deadline
                 else:
-                    with lock:
-                        errors.append({"client": i, "error": err})
+                    with lock:  # when, so that it can be found in the server log
+                        errors.append({"client": i, "error": err, "sent_at_s": round(time.monotonic() - start - ms / 1e3, 2),
+                                       "sent_utc": (dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=ms)
+                                                    ).isoformat(timespec="milliseconds"),
+                                       "ms": round(ms, 1)})
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     t0 = time.monotonic()
@@ -178,7 +209,7 @@ def run_clients(url: str, pngs: list[bytes], clients: int, seconds: float, tta: 
     lat = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.zeros(0)
     pct = np.percentile(lat, [50, 90, 99]).round(2).tolist() if len(lat) else [None] * 3
     return {"requests_ok": int(len(lat)), "errors": len(errors), "error_samples": errors[:5],
-            "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 2),
+            "wall_s": round(wall, 2), "throughput_rps": round(sum(in_time) / seconds, 2),
             "latency_ms": {"p50": pct[0], "p90": pct[1], "p99": pct[2],
                            "max": round(float(lat.max()), 2) if len(lat) else None}}
 
@@ -209,6 +240,7 @@ def run_mode(artifact: Path, mode: str, args, pngs: list[bytes], logdir: Path) -
     env = {"DEPLOYKIT_BATCHING": "1" if mode == "on" else "0"}
     if args.threads:
         env["DEPLOYKIT_THREADS"] = str(args.threads)
+    env.update(kv.split("=", 1) for kv in args.env)
     with Server(artifact, env, logdir / f"server-{mode}.log") as srv:
         srv.wait_ready()
         for data in pngs[:20]:  # warm-up (and the dispatcher's own latency training)
@@ -222,9 +254,14 @@ def run_mode(artifact: Path, mode: str, args, pngs: list[bytes], logdir: Path) -
                 samples.append(tree_rss_mb(srv.proc.pid))
         mon = threading.Thread(target=monitor, daemon=True)
         mon.start()
+        cpu0 = tree_cpu_seconds(srv.proc.pid)
         res = run_clients(srv.url, pngs, args.clients, args.seconds, args.tta)
+        cpu1 = tree_cpu_seconds(srv.proc.pid)
         stop.set()
         mon.join(5)
+        # where the CPU goes: ms of CPU per served request, per role (the load generator is not counted)
+        res["cpu_ms_per_request"] = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / max(res["requests_ok"], 1), 2)
+                                     for k in cpu1}
         if tta_cost:
             res["tta_request_cost"] = tta_cost
         res.update({"mode": f"batching {mode}", "rss_mb": {"before": rss_before, "after": tree_rss_mb(srv.proc.pid),
@@ -246,19 +283,27 @@ def main(argv=None) -> dict:
     pngs = test_pngs()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         artifact = build_artifact(args, Path(tmp))
-        runs = [run_mode(artifact.resolve(), m.strip(), args, pngs, Path(tmp)) for m in args.modes.split(",")]
+        logs = args.log_dir or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        runs = [run_mode(artifact.resolve(), m.strip(), args, pngs, logs) for m in args.modes.split(",")]
     result = {"what": "load test of bentoml serve deploykit.serving:Classifier on 127.0.0.1",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "clients": args.clients, "seconds": args.seconds, "tta": args.tta,
+              "clients": args.clients, "seconds": args.seconds, "tta": args.tta, "server_env": args.env,
               "machine": {"cpu_count": os.cpu_count(), "loadavg_1_5_15": os.getloadavg()},
               "artifact": str(args.artifact or args.checkpoint), "runs": runs,
               "command": "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    on = next((r for r in runs if r["mode"] == "batching on"), None)
-    off = next((r for r in runs if r["mode"] == "batching off"), None)
-    if on and off and off["throughput_rps"]:
-        result["batching_throughput_gain"] = round(on["throughput_rps"] / off["throughput_rps"], 3)
+    # modes may repeat (--modes on,off,off,on): the gain is the ratio of the mean throughputs
+    on = [r["throughput_rps"] for r in runs if r["mode"] == "batching on"]
+    off = [r["throughput_rps"] for r in runs if r["mode"] == "batching off"]
+    if on and off and min(off) > 0:
+        result["batching_throughput_gain"] = round(float(np.mean(on) / np.mean(off)), 3)
     write(result, args.out)
     return result
+
+
+def _cpu_cell(run: dict) -> str:
+    cpu = run.get("cpu_ms_per_request", {})
+    return " / ".join(f"{cpu[k]:.2f}" if k in cpu else "n/a" for k in ("api", "model"))
 
 
 def write(result: dict, out: Path) -> None:
@@ -267,7 +312,9 @@ def write(result: dict, out: Path) -> None:
         f"| {r['mode']} | {r['throughput_rps']:.1f} | {r['latency_ms']['p50']} | {r['latency_ms']['p90']} | "
         f"{r['latency_ms']['p99']} | {r['requests_ok']} | {r['errors']} | {r['model_call_retries']} | "
         f"{r['rss_mb']['before']} -> "
-        f"{r['rss_mb']['after']} (max {r['rss_mb']['max']}) |" for r in result["runs"])
+        f"{r['rss_mb']['after']} (max {r['rss_mb']['max']}) | "
+        f"{_cpu_cell(r)} |"
+        for r in result["runs"])
     gain = result.get("batching_throughput_gain")
     tc = next((r["tta_request_cost"] for r in result["runs"] if r.get("tta_request_cost")), None)
     tta_md = (f"\nPer-request cost of TTA (one client, {tc['rounds']} interleaved pairs, batching-on server): "
@@ -276,11 +323,12 @@ def write(result: dict, out: Path) -> None:
     md = f"""# Serving load test ({result['date']})
 
 {result['clients']} concurrent clients x {result['seconds']:.0f} s per mode, POST /classify (tta={result['tta']}),
+server environment: {' '.join(result.get('server_env') or []) or 'defaults'},
 Fashion-MNIST test images as PNG, server and clients on the same shared 2-core machine
 (load average {', '.join(f'{v:.1f}' for v in result['machine']['loadavg_1_5_15'])}: absolute numbers are noisy).
 
-| mode | req/s | p50 ms | p90 ms | p99 ms | ok | errors | retried model calls | server RSS MB before -> after |
-|---|---|---|---|---|---|---|---|---|
+| mode | req/s | p50 ms | p90 ms | p99 ms | ok | errors | retried model calls | server RSS MB before -> after | CPU ms/request api / model |
+|---|---|---|---|---|---|---|---|---|---|
 {rows}
 {f'''
 Adaptive batching throughput gain: **{gain:.2f}x**.''' if gain else ''}
