@@ -9,10 +9,12 @@ surgery), so the ImageNet features transfer. SIZE defaults to 32 so that it trai
 shared CPU cores (64 is better but ~2x slower per image here). It uses deploykit's own trainer
 (deploykit.training.fit_distill with no teacher = labels only, alpha 0).
 
-Usage (the numbers in the model card came from exactly this):
+Usage (the numbers in the model cards came from exactly these):
     python models/import_efficientnet_lite0.py --out models/efficientnet_lite0_in1k.pth
-    nice -n 10 python models/train_lt_reference.py --size 32 --epochs 2 --max-train-images 4000 \
-        --out models/efficientnet_lite0_fmnist_lt.pth
+    nice -n 10 python models/train_lt_reference.py --size 32 --epochs 2 --max-train-images 2500 \
+        --eval-images 1000 --threads 1 --out models/efficientnet_lite0_fmnist_lt.pth       # 32x32, small budget
+    python models/train_lt_reference.py --size 64 --epochs 3 --threads 2 \
+        --out models/efficientnet_lite0_fmnist_lt64.pth                                   # 64x64, whole LT split
 """
 
 from __future__ import annotations
