@@ -63,6 +63,20 @@ def test_objective_decides_between_latency_and_throughput_winners():
     assert choose_runtime(rows, objective="balanced")["chosen"] == "openvino-int8"  # sqrt(.5*.33) < sqrt(.4*.67)
 
 
+def test_objective_also_decides_which_batch_sizes_must_pay():
+    # the FP32 rows as measured on the pruned 64x64 LT Lite0 (select_runtime, 2 threads; the INT8 row is made up):
+    # OpenVINO loses at bs1 and wins at bs32
+    rows = [row("onnxruntime-fp32", None, 0.89, 18.40), row("openvino-fp32", "onnxruntime-fp32", 1.48, 11.08),
+            row("openvino-int8", "openvino-fp32", 1.50, 8.00)]
+    balanced = choose_runtime(rows)
+    assert balanced["chosen"] == "onnxruntime-fp32"
+    assert balanced["verdicts"]["openvino-fp32"].startswith("slower than its FP32 counterpart onnxruntime-fp32 at bs1")
+    throughput = choose_runtime(rows, objective="throughput")
+    assert throughput["chosen"] == "openvino-int8"
+    assert set(throughput["verdicts"].values()) == {"eligible"}
+    assert choose_runtime(rows, objective="latency")["chosen"] == "onnxruntime-fp32"
+
+
 def test_honours_an_override_and_says_when_it_is_outside_the_rules():
     d = choose_runtime(RESNET50, force="onnxruntime-fp32")
     assert d["chosen"] == "onnxruntime-fp32" and d["reason"] == "forced by the recipe (force: onnxruntime-fp32)"
