@@ -2,8 +2,8 @@
 
 Why: BentoML's internal client reuses keep-alive connections that the model worker may already have closed.
 Under concurrent load ~2-5% of calls fail at once with a disconnect (bentoml/BentoML#4971), and with adaptive
-batching about 1 call in 3,000-4,000 never returns at all (measured with bench/serve_load.py, 8 clients, 2 front
-workers: the client gave up after 30 s while the model worker had answered everything it logged). Inference is
+batching about 1 call in 3,000-6,000 never returns at all (measured with bench/serve_load.py, 8 clients, 2 front
+workers: the model worker logged its answer, status 200, and the front never got it). Inference is
 idempotent, so a fresh attempt on a new connection is safe; a per-attempt timeout turns a stall into a retry.
 
 Example:
