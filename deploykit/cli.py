@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import DeployKitError
+from .errors import DeployKitError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress, verify, benchmark and serve image classifiers.")
@@ -177,12 +177,11 @@ def _register_commands() -> None:
 _register_commands()
 
 
-class _Terminated(SystemExit):
-    """Raised by the SIGTERM handler: unwinds through ArtifactWriter, which deletes the half-built directory."""
-
-
 def _exit_on_sigterm(signum, frame) -> None:
-    raise _Terminated(128 + signum)
+    from .artifact import request_stop
+
+    request_stop(128 + signum)  # sticks even if the exception below is swallowed (see request_stop)
+    raise Terminated(128 + signum)
 
 
 def main() -> None:
@@ -194,7 +193,7 @@ def main() -> None:
     except DeployKitError as err:  # errors raised outside a command body
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except _Terminated as stop:
+    except Terminated as stop:
         # Cleanup has run. Skip interpreter teardown: native runtimes' worker threads (OpenVINO, ORT, OpenMP)
         # interrupted mid-call crashed it with SIGSEGV once in the tests, which would mask the real exit code.
         import os

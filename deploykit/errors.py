@@ -37,3 +37,10 @@ class ParityError(DeployKitError):
 
 class ArtifactError(DeployKitError):
     """An artifact directory is missing, incomplete, or would overwrite something."""
+
+
+class Terminated(SystemExit):
+    """The run was asked to stop (SIGTERM): unwinds through ArtifactWriter, which deletes the half-built directory.
+
+    A SystemExit, not an Exception, so that ``except Exception`` in a stage cannot swallow it.
+    """

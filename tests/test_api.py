@@ -204,3 +204,19 @@ def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
     compress(tiny_ckpt, "fp32", out=tmp_path / "s.deploykit", eval__enabled=False, data__synthetic_images=4,
              data__synthetic_steps=0, data__check_images=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.deploykit"]
+
+
+def test_a_stop_request_blocks_the_commit_even_if_its_exception_was_swallowed(tmp_path, monkeypatch):
+    # a SIGTERM handler that fires inside __del__ loses its exception; the flag it sets must still stop the commit
+    import deploykit.artifact as artifact_mod
+    from deploykit.artifact import ArtifactWriter, request_stop
+    from deploykit.errors import Terminated
+
+    monkeypatch.setattr(artifact_mod, "_stop_code", None)
+    out = tmp_path / "a.deploykit"
+    with pytest.raises(Terminated) as stop:
+        with ArtifactWriter(out) as work:
+            (work / "model.onnx").write_bytes(b"complete")
+            request_stop(143)
+    assert stop.value.code == 143
+    assert list(tmp_path.iterdir()) == []
