@@ -63,42 +63,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_cpu_seconds(pid: int) -> dict[str, float]:
-    """user+system CPU seconds of every process in the server tree, keyed by role (api/model/root)."""
+def server_processes(pid: int) -> list:
+    """The server's process tree, root first; empty once the server is gone."""
     import psutil
 
-    out: dict[str, float] = {}
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return out
+        return []
+
+
+def read_each(procs: list, read) -> list[tuple]:
+    """(process, read(process)) for each process still alive: a worker may exit between listing and reading."""
+    import psutil
+
+    out = []
     for p in procs:
         try:
-            cmd = " ".join(p.cmdline())
-            role = "model" if "deploykit-model" in cmd else "api" if "--worker-id" in cmd else "root"
-            t = p.cpu_times()
-            out[role] = out.get(role, 0.0) + t.user + t.system
+            out.append((p, read(p)))
         except psutil.NoSuchProcess:
             pass
     return out
 
 
-def tree_rss_mb(pid: int) -> float:
-    import psutil
+def process_role(cmdline: str) -> str:
+    """api (the HTTP front), model (the model service) or root (the bentoml serve supervisor)."""
+    return "model" if "deploykit-model" in cmdline else "api" if "--worker-id" in cmdline else "root"
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """user+system CPU seconds of every process in the server tree, keyed by role (api/model/root)."""
+    out: dict[str, float] = {}
+    for _, (cmd, t) in read_each(server_processes(pid), lambda p: (" ".join(p.cmdline()), p.cpu_times())):
+        role = process_role(cmd)
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    procs = server_processes(pid)
+    if not procs:
         return float("nan")
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return round(total / 2**20, 1)
+    return round(sum(rss for _, rss in read_each(procs, lambda p: p.memory_info().rss)) / 2**20, 1)
+
+
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE options -> a dict for the server's environment."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        sys.exit(f"error: --env {bad[0]!r} is not KEY=VALUE. Fix: e.g. --env DEPLOYKIT_WORKERS=2")
+    return dict(kv.split("=", 1) for kv in pairs)
 
 
 class Server:
@@ -240,7 +255,7 @@ def run_mode(artifact: Path, mode: str, args, pngs: list[bytes], logdir: Path) -
     env = {"DEPLOYKIT_BATCHING": "1" if mode == "on" else "0"}
     if args.threads:
         env["DEPLOYKIT_THREADS"] = str(args.threads)
-    env.update(kv.split("=", 1) for kv in args.env)
+    env.update(env_pairs(args.env))
     with Server(artifact, env, logdir / f"server-{mode}.log") as srv:
         srv.wait_ready()
         for data in pngs[:20]:  # warm-up (and the dispatcher's own latency training)

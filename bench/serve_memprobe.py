@@ -26,15 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def sample_tree(pid: int) -> dict:
-    import psutil
+    """RSS MB of each server process, keyed "pid:command tail"."""
+    from serve_load import read_each, server_processes
 
-    root, row = psutil.Process(pid), {}
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            row[f"{p.pid}:{' '.join(p.cmdline())[-60:]}"] = round(p.memory_info().rss / 2**20, 1)
-        except psutil.NoSuchProcess:
-            pass
-    return row
+    rows = read_each(server_processes(pid), lambda p: (" ".join(p.cmdline()), p.memory_info().rss))
+    return {f"{p.pid}:{cmd[-60:]}": round(rss / 2**20, 1) for p, (cmd, rss) in rows}
 
 
 def growth_report(snap_dir: Path, after_s: float, top: int) -> str:
@@ -65,7 +61,7 @@ def growth_report(snap_dir: Path, after_s: float, top: int) -> str:
 
 
 def main(argv=None) -> None:
-    from serve_load import Server, run_clients, test_pngs
+    from serve_load import Server, env_pairs, run_clients, test_pngs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
@@ -82,7 +78,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logdir = Path(tempfile.mkdtemp(prefix="memprobe-"))
     env, target = {"DEPLOYKIT_BATCHING": args.batching}, "deploykit.serving:Classifier"
-    env.update(kv.split("=", 1) for kv in args.env)
+    env.update(env_pairs(args.env))
     if args.tracemalloc:
         env.update(DEPLOYKIT_MEMTRACE_DIR=str(logdir / "snaps"), DEPLOYKIT_MEMTRACE_EVERY=str(args.every))
         target = "bench.memtrace_service:Classifier"
