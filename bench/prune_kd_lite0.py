@@ -28,9 +28,7 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     from deploykit.backends import create_backend
     from deploykit.forgetting import forgetting_markdown, forgetting_report
     from deploykit.guard import sensitivity_markdown
-    from deploykit.recipe import DataConfig
-
-    from deploykit.recipe import load_recipe
+    from deploykit.recipe import DataConfig, load_recipe
 
     out = Path(args.out_dir) / f"lite0_{args.recipe}_{balance}.deploykit"
     t0 = time.time()
@@ -62,7 +60,7 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     lo, lc = predict(orig, data.eval, pre), predict(art.backend(), data.eval, pre)
     forg = forgetting_report(data.eval.labels, lo, lc, pre.class_names)
     # the speed bar: the ORIGINAL (unpruned) model as FP32 ONNX vs the final artifact, batch 32,
-    # interleaved on the same input so machine noise hits both alike
+    # on the same input, in alternating blocks so machine noise hits all alike
     from deploykit.stages.export_onnx import export_onnx
     from deploykit.stages.fuse_bn import fuse_conv_bn
     from deploykit.stages.static_pad import make_padding_static

@@ -104,11 +104,10 @@ class ArtifactWriter:
         return self.workdir
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None and _stop_code is not None:  # a stop whose exception was swallowed on the way
+        if exc_type is not None or _stop_code is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            raise Terminated(_stop_code)
-        if exc_type is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            if exc_type is None:  # a stop whose exception was swallowed on the way
+                raise Terminated(_stop_code)
             return False
         os.chmod(self.workdir, 0o755)  # mkdtemp makes it 0700
         if self.out.exists():

@@ -101,17 +101,18 @@ def compress(
                 raise DeployKitError("--prune builds an INT8 model", fix="use --prune with --int8 (or alone)")
             recipe, int8 = "prune-kd-int8", False
         r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32, tgt))
-        budget_stage = "accuracy_guard"
-        if max_drop is not None and not r.stage("accuracy_guard") and r.stage("qat") and r.stage("select_runtime"):
-            # a QAT model is judged by select_runtime (the guard would re-quantize it with PTQ, undoing QAT)
-            budget_stage = "select_runtime"
-        elif max_drop is not None and not r.stage("accuracy_guard"):
-            if not r.stage("quantize_onnx"):
+        budget_key = "stages.accuracy_guard.max_drop"
+        if max_drop is not None and not r.stage("accuracy_guard"):
+            if r.stage("qat") and r.stage("select_runtime"):
+                # a QAT model is judged by select_runtime (the guard would re-quantize it with PTQ, undoing QAT)
+                budget_key = "stages.select_runtime.max_top1_drop"
+            elif not r.stage("quantize_onnx"):
                 raise DeployKitError(f"--max-drop needs an INT8 recipe, {r.name!r} has no quantize_onnx stage",
                                      fix="use --int8 or --prune with --max-drop")
-            # the guard owns the accuracy decision, so quantize_onnx must not fail first
-            r = r.with_stage("accuracy_guard", after="quantize_onnx").with_overrides(
-                {"stages.quantize_onnx.min_top1_agreement": 0})
+            else:
+                # the guard owns the accuracy decision, so quantize_onnx must not fail first
+                r = r.with_stage("accuracy_guard", after="quantize_onnx").with_overrides(
+                    {"stages.quantize_onnx.min_top1_agreement": 0})
         calib_stage = "quantize_tensorrt" if r.stage("quantize_tensorrt") else "quantize_onnx"
         r = r.with_overrides({
             "target": target.value if target else None,
@@ -127,7 +128,7 @@ def compress(
             "eval.threads": threads,
             f"stages.{calib_stage}.method": calibration_method.value if calibration_method else None,
             "stages.prune.macs_reduction": prune,
-            f"stages.{budget_stage}.{'max_drop' if budget_stage == 'accuracy_guard' else 'max_top1_drop'}": max_drop,
+            budget_key: max_drop,
         })
         if dry_run:
             typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)
