@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -193,3 +194,56 @@ class Artifact:
     def verify(self) -> list[str]:
         """Names of files whose sha256 no longer matches the manifest (empty list = intact)."""
         return [n for n, h in self.manifest.get("files", {}).items() if sha256_file(self.path / n) != h]
+
+
+# --- what a finished compression run writes ------------------------------------------------------------------------
+
+
+def finalize_model(state) -> Path:
+    """The file the default runtime runs, plus ``model.onnx``: always the final model in ONNX form.
+
+    A stage that picks the runtime by measurement (select_runtime) names its file in ``state.runtime.model``
+    (e.g. an OpenVINO IR ``model.ov.xml``); otherwise the latest ONNX ships. ``model.onnx`` is a hard link to the
+    chosen ONNX (or, for an IR, to the latest ONNX of the same precision), so ONNX consumers always find it and
+    the per-variant files named in the manifest stay where they are.
+    """
+    if state.onnx_path is None:
+        raise RuntimeError("recipe produced no ONNX model: it needs an export_onnx stage")
+    chosen = state.runtime.model
+    if chosen:
+        missing = [f for f in (state.runtime.model_files or [chosen]) if not (state.workdir / f).is_file()]
+        if missing:
+            raise RuntimeError(f"runtime model files {missing} were not written by the recipe's stages")
+    onnx_final = state.workdir / FINAL_MODEL
+    source = state.workdir / chosen if chosen and chosen.endswith(".onnx") else state.onnx_path
+    if source != onnx_final:
+        try:
+            os.link(source, onnx_final)
+        except OSError:
+            shutil.copyfile(source, onnx_final)
+    state.onnx_path = onnx_final
+    return state.workdir / chosen if chosen and not chosen.endswith(".onnx") else onnx_final
+
+
+def build_manifest(checkpoint, loaded, state, final: Path, lineage: list, workdir: Path) -> dict:
+    """manifest.json: versions, sha256 of every file, the source checkpoint, lineage and the runtime to use."""
+    from . import __version__
+    from dataclasses import asdict
+    from .environment import machine, versions
+
+    files = {p.name: sha256_file(p) for p in sorted(workdir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {
+        "schema": 1,
+        "deploykit": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch,
+                   "weights": loaded.weights, "num_classes": loaded.num_classes},
+        "runtime": {"backend": state.runtime.backend, "model": final.name, "precision": state.precision,
+                    "settings": state.runtime.settings, "target": state.target,
+                    # per-backend model files (Artifact.backend(name) / DEPLOYKIT_BACKEND) and the chosen variant
+                    **{k: v for k, v in asdict(state.runtime).items() if k in ("files", "variant") and v}},
+        "files": files,
+        "lineage": [{k: s[k] for k in ("name", "config", "seconds")} for s in lineage],
+        "versions": versions(),
+        "machine": machine(),
+    }

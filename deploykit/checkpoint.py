@@ -7,7 +7,7 @@ Example:
     >>> loaded = load_checkpoint("models/resnet10t_fmnist.pth")
     >>> loaded.arch, loaded.weights, loaded.num_classes
     ('resnet10t', 'state_dict_ema', 10)
-    >>> resolve_preprocessing(loaded).input_size
+    >>> loaded.num_classes
     (1, 28, 28)
 """
 
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
-from .preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Hub ids ("timm/resnet50.a1_in1k") name the same architecture; "hf-hub:" would make timm fetch a config.
 _HUB_PREFIXES = ("hf-hub:timm/", "hf-hub:", "timm/")
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # what Preprocessing implements
 _FIX_SHAPES = "pass the right --arch/--num-classes/--in-chans (or model_kwargs) for this checkpoint"
 _FIX_RESAVE = "re-download or re-save the checkpoint (torch.save(model.state_dict(), path))"
 
@@ -112,48 +111,6 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: i
     return LoadedModel(model=model.float().eval(), arch=arch, num_classes=int(num_classes), in_chans=int(in_chans),
                        weights=weights, hints=_hints(args, int(in_chans), notes),
                        class_names=_class_names(meta), model_kwargs=kwargs, notes=notes, sha256=sha256)
-
-
-def resolve_preprocessing(loaded: LoadedModel, cfg: "ModelConfig | None" = None) -> Preprocessing:
-    """Preprocessing for ``loaded``: recipe fields win, then the file's hints, then timm's defaults.
-
-    Example:
-        >>> resolve_preprocessing(loaded, ModelConfig(input_size=32)).input_size
-        (1, 32, 32)
-    """
-    from timm.data import resolve_data_config
-
-    from .recipe import ModelConfig
-
-    cfg = cfg if cfg is not None else ModelConfig()
-    channels = loaded.in_chans
-    if cfg.in_chans and cfg.in_chans != channels:
-        raise CheckpointError(f"the recipe says in_chans={cfg.in_chans} but the loaded model takes {channels}",
-                              fix="pass the same --in-chans when loading the checkpoint")
-    hints = loaded.hints
-    timm_cfg = resolve_data_config({}, model=loaded.model)
-
-    size = (cfg.input_size,) * 2 if cfg.input_size else tuple(hints.get("input_size") or timm_cfg["input_size"])[1:]
-    # mean and std come as a pair from one source; recipe values then override each one.
-    stats = hints if "mean" in hints and "std" in hints else timm_cfg
-    mean = _user_per_channel(cfg.mean, channels, "mean") if cfg.mean else _per_channel(stats["mean"], channels)
-    std = _user_per_channel(cfg.std, channels, "std") if cfg.std else _per_channel(stats["std"], channels)
-    interpolation = cfg.interpolation or hints.get("interpolation") or timm_cfg.get("interpolation")
-    if interpolation not in _INTERPOLATIONS:
-        interpolation = "bicubic"  # timm's default, for its filters we do not implement (lanczos, box, ...)
-    # timm's eval crop can exceed 1 (test_crop_pct); we never upsample-then-pad, so cap at a full view.
-    crop_pct = min(float(hints.get("crop_pct") or timm_cfg.get("crop_pct") or 1.0), 1.0)
-
-    class_names = cfg.class_names or loaded.class_names or [f"class_{i}" for i in range(loaded.num_classes)]
-    if len(class_names) != loaded.num_classes:
-        raise CheckpointError(f"{len(class_names)} class names for a model with {loaded.num_classes} classes",
-                              fix=f"give exactly {loaded.num_classes} class names, or the right --num-classes")
-    try:
-        return Preprocessing(input_size=(channels, int(size[0]), int(size[1])), mean=mean, std=std,
-                             interpolation=interpolation, crop_pct=crop_pct, class_names=list(class_names))
-    except ValueError as err:
-        raise CheckpointError(f"invalid preprocessing: {_one_line(err)}",
-                              fix="check model.mean/std/input_size in the recipe") from None
 
 
 def save_timm_checkpoint(path: str | Path, *, arch: str, state_dict: Any, args: dict,
@@ -620,23 +577,6 @@ def _class_names(meta: Mapping) -> list[str] | None:
     if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
         return list(names)
     return None
-
-
-def _per_channel(values, channels: int) -> tuple[float, ...]:
-    """timm/file statistics for another channel count: the average, once per channel (3 RGB -> 1 gray)."""
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    return (sum(values) / len(values),) * channels
-
-
-def _user_per_channel(values, channels: int, what: str) -> tuple[float, ...]:
-    if len(values) == channels:
-        return tuple(float(v) for v in values)
-    if len(values) == 1:
-        return (float(values[0]),) * channels
-    raise CheckpointError(f"the recipe's {what} has {len(values)} values but the model takes {channels} channels",
-                          fix=f"give 1 or {channels} {what} values")
 
 
 # --- writing -------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 from pydantic import Field
 
-from .recipe import StageConfig
+from .stages.config import StageConfig
 
 RANKED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 GUARDED_FILE = "model.int8.guarded.onnx"

@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedModel
+    from .recipe import ModelConfig
 
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
@@ -127,3 +131,68 @@ def to_model_mode(image, channels: int):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("L" if channels == 1 else "RGB")
+
+
+# --- resolving: what the file says, what the recipe says, timm's defaults ---------------------------------------
+
+def resolve_preprocessing(loaded: "LoadedModel", cfg: "ModelConfig | None" = None) -> Preprocessing:
+    """Preprocessing for ``loaded``: recipe fields win, then the file's hints, then timm's defaults.
+
+    Example:
+        >>> resolve_preprocessing(loaded, ModelConfig(input_size=32)).input_size
+        (1, 32, 32)
+    """
+    from timm.data import resolve_data_config
+
+    from .errors import CheckpointError
+    from .recipe import ModelConfig
+
+    cfg = cfg if cfg is not None else ModelConfig()
+    channels = loaded.in_chans
+    if cfg.in_chans and cfg.in_chans != channels:
+        raise CheckpointError(f"the recipe says in_chans={cfg.in_chans} but the loaded model takes {channels}",
+                              fix="pass the same --in-chans when loading the checkpoint")
+    hints = loaded.hints
+    timm_cfg = resolve_data_config({}, model=loaded.model)
+
+    size = (cfg.input_size,) * 2 if cfg.input_size else tuple(hints.get("input_size") or timm_cfg["input_size"])[1:]
+    # mean and std come as a pair from one source; recipe values then override each one.
+    stats = hints if "mean" in hints and "std" in hints else timm_cfg
+    mean = _user_per_channel(cfg.mean, channels, "mean") if cfg.mean else _per_channel(stats["mean"], channels)
+    std = _user_per_channel(cfg.std, channels, "std") if cfg.std else _per_channel(stats["std"], channels)
+    interpolation = cfg.interpolation or hints.get("interpolation") or timm_cfg.get("interpolation")
+    if interpolation not in _PIL_FILTERS:
+        interpolation = "bicubic"  # timm's default, for its filters we do not implement (lanczos, box, ...)
+    # timm's eval crop can exceed 1 (test_crop_pct); we never upsample-then-pad, so cap at a full view.
+    crop_pct = min(float(hints.get("crop_pct") or timm_cfg.get("crop_pct") or 1.0), 1.0)
+
+    class_names = cfg.class_names or loaded.class_names or [f"class_{i}" for i in range(loaded.num_classes)]
+    if len(class_names) != loaded.num_classes:
+        raise CheckpointError(f"{len(class_names)} class names for a model with {loaded.num_classes} classes",
+                              fix=f"give exactly {loaded.num_classes} class names, or the right --num-classes")
+    try:
+        return Preprocessing(input_size=(channels, int(size[0]), int(size[1])), mean=mean, std=std,
+                             interpolation=interpolation, crop_pct=crop_pct, class_names=list(class_names))
+    except ValueError as err:
+        reason = " ".join(str(err).split()).rstrip(".")
+        raise CheckpointError(f"invalid preprocessing: {reason}",
+                              fix="check model.mean/std/input_size in the recipe") from None
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    """timm/file statistics for another channel count: the average, once per channel (3 RGB -> 1 gray)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def _user_per_channel(values, channels: int, what: str) -> tuple[float, ...]:
+    if len(values) == channels:
+        return tuple(float(v) for v in values)
+    if len(values) == 1:
+        return (float(values[0]),) * channels
+    from .errors import CheckpointError
+
+    raise CheckpointError(f"the recipe's {what} has {len(values)} values but the model takes {channels} channels",
+                          fix=f"give 1 or {channels} {what} values")

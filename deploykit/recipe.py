@@ -30,16 +30,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from .errors import RecipeError
+from .stages.config import StageConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPE_VERSION = 1
-
-
-class StageConfig(BaseModel):
-    """Base for every stage's config; ``version`` lets a stage migrate old recipes."""
-
-    model_config = ConfigDict(extra="forbid")
-    version: int = 1
 
 
 class ModelConfig(BaseModel):
@@ -61,7 +55,8 @@ class DataConfig(BaseModel):
     """Where images come from. ``name`` None means data-free (synthetic calibration)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, description="'fashion-mnist', 'fashion-mnist-lt', or an ImageFolder path")
+    name: str | None = Field(None, description="a registered dataset (deploykit.data.dataset_names()), an "
+                                                     "ImageFolder path, or None for data-free")
     calibration_images: int = Field(512, ge=1)
     eval_images: int | None = Field(None, ge=1, description="None = the whole evaluation split")
     batch_size: int = Field(64, ge=1)
@@ -135,35 +130,58 @@ class Recipe(BaseModel):
         data["stages"] = [{s["name"]: s["config"]} for s in data["stages"]]
         return yaml.safe_dump(data, sort_keys=False)
 
+    def stage_index(self, ref: str) -> int:
+        """Position of the stage ``ref`` names: an index (``"2"``) or a name the recipe lists exactly once.
+
+        Example:
+            >>> load_recipe("int8-ptq").stage_index("export_onnx")
+            1
+        """
+        names = self.stage_names()
+        if ref.lstrip("-").isdigit():
+            i = int(ref)
+            if not 0 <= i < len(names):
+                raise RecipeError(f"recipe {self.name!r} has no stage at index {i} (it has {len(names)}: "
+                                  f"{', '.join(names)})", fix=f"use an index from 0 to {len(names) - 1}")
+            return i
+        at = [i for i, n in enumerate(names) if n == ref]
+        if not at:
+            raise RecipeError(f"recipe {self.name!r} has no stage {ref!r} (it has {', '.join(names)})",
+                              fix=f"use a recipe with a {ref} stage")
+        if len(at) > 1:
+            raise RecipeError(f"recipe {self.name!r} lists stage {ref!r} {len(at)} times (at {', '.join(map(str, at))})",
+                              fix=f"address one by its index, e.g. stages.{at[0]}.<field>")
+        return at[0]
+
     def with_overrides(self, overrides: dict[str, Any]) -> "Recipe":
         """A copy with dotted-key overrides applied; ``None`` values are ignored (flag not given).
+
+        A stage is addressed by name when the recipe lists it once, else by index: ``stages.quantize_onnx.method``
+        or ``stages.2.method``. Stages keep their order, repeated ones included.
 
         Example:
             >>> load_recipe("int8-ptq").with_overrides({"stages.quantize_onnx.method": "entropy"})
         """
         data = self.model_dump(mode="json")
-        stages = {s["name"]: s["config"] for s in data["stages"]}
+        configs = [s["config"] for s in data["stages"]]
         for key, value in overrides.items():
             if value is None:
                 continue
             parts = key.split(".")
             if parts[0] == "stages":
                 if len(parts) != 3:
-                    raise RecipeError(f"override {key!r} must look like stages.<stage>.<field>")
-                if parts[1] not in stages:
-                    raise RecipeError(
-                        f"option {parts[2]!r} needs stage {parts[1]!r}, which recipe {self.name!r} does not have",
-                        fix=f"use a recipe with a {parts[1]} stage",
-                    )
-                stages[parts[1]][parts[2]] = value
+                    raise RecipeError(f"override {key!r} must look like stages.<stage name or index>.<field>")
+                if not parts[1].lstrip("-").isdigit() and parts[1] not in self.stage_names():
+                    raise RecipeError(f"option {parts[2]!r} needs stage {parts[1]!r}, which recipe {self.name!r} "
+                                      "does not have", fix=f"use a recipe with a {parts[1]} stage")
+                configs[self.stage_index(parts[1])][parts[2]] = value
                 continue
             node = data
             for p in parts[:-1]:
                 node = node.setdefault(p, {})
             node[parts[-1]] = value
-        data["stages"] = [{n: c} for n, c in stages.items()]
+        data["stages"] = [{s["name"]: c} for s, c in zip(data["stages"], configs)]
         return parse_recipe(data, source=f"{self.name} + overrides")
-
 
     def with_stage(self, name: str, config: dict | None = None, after: str | None = None) -> "Recipe":
         """A copy with stage ``name`` inserted after stage ``after`` (appended when None or absent).

@@ -1,6 +1,8 @@
-"""A tiny name -> object registry; stages and backends register themselves here.
+"""A tiny name -> object registry; stages, backends, runtime variants and datasets register themselves here.
 
-Tests parametrize over ``registry.names()`` so that adding an entry adds its tests.
+Tests parametrize over ``registry.names()`` so that adding an entry adds its tests. A registry given a
+``package`` imports every module of that package on first lookup, so adding an entry is adding one module:
+no list elsewhere has to learn its name.
 
 Example:
     >>> STAGES = Registry("stage")
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import Callable, Generic, TypeVar
 
 from .errors import RecipeError
@@ -22,13 +25,14 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, package: str | None = None, skip: tuple[str, ...] = ()):
         self.kind = kind
         self._items: dict[str, T] = {}
-        # Modules imported on first lookup, so that registering does not force heavy imports at
-        # `import deploykit` time (stage modules only import torch inside their run()).
-        self._modules = modules
-        self._loaded = not modules
+        # The package's modules are imported on first lookup, not at `import deploykit` time: registering
+        # must not force heavy imports (entry modules import torch/onnx only inside their functions).
+        self._package = package
+        self._skip = set(skip)
+        self._loaded = package is None
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -42,8 +46,10 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            for mod in self._modules:
-                importlib.import_module(mod)
+            pkg = importlib.import_module(self._package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                if not info.name.startswith("_") and info.name not in self._skip:
+                    importlib.import_module(f"{self._package}.{info.name}")
 
     def get(self, name: str) -> T:
         self._load()
@@ -56,6 +62,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         self._load()
         return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs in registration order (module order within the package, then file order)."""
+        self._load()
+        return list(self._items.items())
 
     def __contains__(self, name: str) -> bool:
         self._load()

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import Field
 
 from .checkpoint import atomic_torch_save
-from .recipe import StageConfig
+from .stages.config import StageConfig
 
 
 class DistillConfig(StageConfig):

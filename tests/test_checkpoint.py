@@ -14,7 +14,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from deploykit.checkpoint import LoadedModel, load_checkpoint, resolve_preprocessing, save_timm_checkpoint
+from deploykit.checkpoint import LoadedModel, load_checkpoint, save_timm_checkpoint
+from deploykit.preprocessing import resolve_preprocessing
 from deploykit.errors import CheckpointError
 from deploykit.recipe import ModelConfig
 

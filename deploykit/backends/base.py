@@ -1,24 +1,21 @@
-"""The Backend interface and its registry. Heavy runtimes are imported only by their own module."""
+"""The Backend interface and its registry. Heavy runtimes are imported only by their own module.
+
+A backend module holds everything about its runtime: the Backend class (registered in ``BACKENDS``), the
+runtime variants it offers (``deploykit.variants``), the packages whose versions decide its numbers and its
+``deploykit doctor`` checks. Adding a runtime is adding one module here (plus its test).
+"""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from ..registry import Registry
 
-BACKENDS: Registry[type["Backend"]] = Registry(
-    "backend",
-    modules=(
-        "deploykit.backends.torch_backend",
-        "deploykit.backends.onnxruntime_backend",
-        "deploykit.backends.openvino_backend",
-        "deploykit.backends.tensorrt_backend",
-    ),
-)
+BACKENDS: Registry[type["Backend"]] = Registry("backend", package="deploykit.backends", skip=("base",))
 
 
 def physical_cores() -> int:
@@ -37,7 +34,27 @@ def physical_cores() -> int:
 class Backend(ABC):
     """A loaded model on one runtime. ``run`` takes float32 NCHW and returns float32 logits."""
 
-    name: str = "?"
+    name: ClassVar[str] = "?"
+    # where it runs: "cpu" backends are measured by select_runtime and bench on any machine; "gpu" ones need a GPU
+    device: ClassVar[str] = "cpu"
+    # distributions whose versions decide this runtime's numbers (recorded in manifests, shown by doctor)
+    packages: ClassVar[tuple[str, ...]] = ()
+    # what ``create_backend``'s model may be: "module" (a torch nn.Module) or model-file suffixes (".onnx", ".xml")
+    reads: ClassVar[tuple[str, ...]] = ()
+    # further names `deploykit bench --backends` accepts for this runtime, with the settings they add (opt-in:
+    # never in the default list), e.g. {"torch-compile": {"compile": True}}; a "device" setting other than
+    # "cpu" makes it a GPU variant
+    bench_modes: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def unavailable(cls, **settings: Any) -> str | None:
+        """Why this backend (with these constructor settings) cannot run on this machine, or None. Never raises."""
+        return None
+
+    @classmethod
+    def doctor_checks(cls) -> tuple[Callable[[], Any], ...]:
+        """Functions returning ``deploykit.doctor.Check`` lines for this runtime (``deploykit doctor``)."""
+        return ()
 
     def __init__(self, precision: str = "fp32"):
         self.precision = precision

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..variants import REFERENCE, RuntimeVariant, register_variant
 from .base import BACKENDS, Backend, physical_cores
 
 # Preference order on a GPU machine; each is used only if the installed onnxruntime offers it.
@@ -35,6 +36,12 @@ def select_providers(device: str, have: list[str]) -> tuple[list[str], str]:
     missing = [p for p in GPU_PROVIDERS if p not in have]
     why = f"{gpu[0]} first" + (f" ({', '.join(missing)} not in this onnxruntime)" if missing else "")
     return [*gpu, "CPUExecutionProvider"], why
+
+
+register_variant(RuntimeVariant(REFERENCE, "onnxruntime", "fp32-onnx", "fp32"))
+register_variant(RuntimeVariant("onnxruntime-int8", "onnxruntime", "int8-qdq", "int8", counterpart=REFERENCE))
+register_variant(RuntimeVariant("onnxruntime-qat", "onnxruntime", "qat-qdq", "int8", counterpart=REFERENCE,
+                                retrained=True))
 
 
 @BACKENDS.register("onnxruntime")

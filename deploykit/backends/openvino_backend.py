@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
+from ..variants import REFERENCE, RuntimeVariant, register_variant
 from .base import BACKENDS, Backend, physical_cores
 
 # What float layers compute in. An INT8 model keeps its quantized layers whatever this says.
@@ -57,6 +58,22 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "get_type_name"):
         return value.get_type_name()
     return value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+# LATENCY: one request on all threads, the way a batch-1 service and select_runtime's timing run it.
+_OV = {"hint": "LATENCY"}
+register_variant(RuntimeVariant("openvino-fp32", "openvino", "fp32-onnx", "fp32", counterpart=REFERENCE,
+                                settings=_OV))
+register_variant(RuntimeVariant("openvino-bf16", "openvino", "fp32-onnx", "bf16", counterpart="openvino-fp32",
+                                settings=_OV, needs="bf16"))
+register_variant(RuntimeVariant("openvino-int8", "openvino", "openvino-int8", "int8", counterpart="openvino-fp32",
+                                settings=_OV))
+register_variant(RuntimeVariant("openvino-int8-onnx", "openvino", "openvino-int8-onnx", "int8",
+                                counterpart="openvino-fp32", settings=_OV))
+register_variant(RuntimeVariant("openvino-qdq", "openvino", "int8-qdq", "int8", counterpart="openvino-fp32",
+                                settings=_OV))
+register_variant(RuntimeVariant("openvino-qat", "openvino", "qat-qdq", "int8", counterpart="openvino-fp32",
+                                settings=_OV, retrained=True))
 
 
 @BACKENDS.register("openvino")

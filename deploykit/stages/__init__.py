@@ -6,5 +6,6 @@ Stage modules import torch/onnx only inside ``run``, so listing or validating a 
 from __future__ import annotations
 
 from .base import STAGES, PipelineState, Stage
+from .state import QuantSettings, RuntimeCandidate, RuntimeChoice, StageInputs
 
-__all__ = ["STAGES", "PipelineState", "Stage"]
+__all__ = ["STAGES", "PipelineState", "QuantSettings", "RuntimeCandidate", "RuntimeChoice", "Stage", "StageInputs"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import ParityError
 from ..guard import GUARDED_FILE, GuardConfig, guard_quantization
-from .base import PipelineState, Stage, register
+from .base import PipelineState, QuantSettings, Stage, register
 
 
 @register("accuracy_guard")
@@ -27,12 +27,11 @@ class AccuracyGuard(Stage):
         if state.onnx_fp32_path is None or state.precision != "int8":
             raise ParityError("accuracy_guard needs an INT8 model and its FP32 ONNX",
                               fix="put accuracy_guard right after quantize_onnx in the recipe")
-        q = state.facts.get("quantize_onnx", {})
-        quant_kw = {k: q[k] for k in ("method", "per_channel", "activation_type", "weight_type", "reduce_range")
-                    if k in q}
+        # re-quantize exactly as quantize_onnx did (its typed settings; defaults when the INT8 model came elsewhere)
+        quant_kw = (state.quantization or QuantSettings()).as_kwargs()
         if state.data is not None:
             train = state.data.train
-            val_idx = state._cache.get("validation_indices")
+            val_idx = state.validation_indices
             if val_idx is not None and len(val_idx):
                 judge, kind = train.subset(val_idx).head(c.images, seed=11), "train images held out by distill"
             else:
@@ -52,4 +51,5 @@ class AccuracyGuard(Stage):
             state.log(f"[yellow]accuracy_guard: could not meet the {c.max_drop}-point budget "
                       f"(best drop {facts['drop']:.2f}); wrote the best model found[/]")
         state.onnx_path = state.workdir / GUARDED_FILE
+        state.add_model("int8-qdq", state.onnx_path)  # the repaired model replaces the one it repaired
         return facts

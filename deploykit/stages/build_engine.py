@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..errors import DeployKitError
-from ..recipe import StageConfig
+from .config import StageConfig
 from .base import PipelineState, Stage, register
 
 ENGINE_FILE, ENGINE_JSON = "model.engine", "engine.json"

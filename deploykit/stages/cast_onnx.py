@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from ..recipe import StageConfig
-from .base import PipelineState, Stage, register
+from .config import StageConfig
+from .base import PipelineState, RuntimeChoice, Stage, register
 from .export_onnx import check_parity
 
 
@@ -53,12 +53,13 @@ class Cast(Stage):
         ref = np.concatenate([create_backend("onnxruntime", src).run(x[i:i + 64]) for i in range(0, len(x), 64)])
         if c.dtype == "fp16":
             path = cast_fp16(src, state.workdir / "model.fp16.onnx")
-            backend, runtime = create_backend("onnxruntime", path, precision="fp16"), {"backend": "onnxruntime", "settings": {}}
+            backend, runtime = create_backend("onnxruntime", path, precision="fp16"), RuntimeChoice("onnxruntime")
         else:
             path = src
             backend = create_backend("openvino", path, precision="bf16")
-            runtime = {"backend": "openvino", "settings": {"precision": "bf16"}}
+            runtime = RuntimeChoice("openvino", {"precision": "bf16"})
         got = np.concatenate([backend.run(x[i:i + 64]) for i in range(0, len(x), 64)])
         fid = check_parity(ref, got, c.atol, c.min_top1_agreement, f"{c.dtype} model")
         state.onnx_path, state.precision, state.runtime = path, c.dtype, runtime
-        return {"file": path.name, "dtype": c.dtype, "runtime": runtime, "parity": fid}
+        return {"file": path.name, "dtype": c.dtype, "runtime": {"backend": runtime.backend, "settings": runtime.settings},
+                "parity": fid}

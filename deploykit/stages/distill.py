@@ -26,17 +26,18 @@ class Distill(Stage):
     Config = DistillConfig
 
     def run(self, state: PipelineState) -> dict:
+        from ..data import data_help
         from ..pruned_io import save_pruned, timm_arch
         from ..training import fit_distill
 
         if state.data is None:
             raise DataError("the distill stage needs labelled training images",
-                            fix="pass --data (an ImageFolder path, fashion-mnist or fashion-mnist-lt)")
+                            fix=f"pass --data ({data_help()})")
         model, res = fit_distill(state.model, state.teacher, state.data.train, state.preprocessing, self.config,
                                  log=state.log, tag="distill")
         state.model = model
         # the guard may judge quantization on these train images: held out from fine-tuning, never the eval split
-        state._cache["validation_indices"] = res.val_indices
+        state.validation_indices = res.val_indices
         facts = {"best_epoch": res.best_epoch, "val_top1": res.best["top1"], "val_macro_f1": res.best["macro_f1"],
                  "history": res.history, "train_images": res.train_images, "val_images": int(len(res.val_indices)),
                  "stopped_early": res.stopped_early, "resumed_from_epoch": res.resumed_from,

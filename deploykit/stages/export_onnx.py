@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from ..recipe import StageConfig
+from .config import StageConfig
 from .base import PipelineState, Stage, register
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -90,5 +90,6 @@ class ExportOnnx(Stage):
         got = np.concatenate([ort.run(x[i:i + 64]) for i in range(0, len(x), 64)])
         fid = check_parity(ref, got, c.atol, c.min_top1_agreement, "exported ONNX")
         state.onnx_path = state.onnx_fp32_path = path
+        state.add_model("fp32-onnx", path)
         state.precision = "fp32"
         return {"file": path.name, "opset": c.opset, "exporter": c.exporter, "parity": fid, "inputs_checked": len(x)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import ParityError
-from ..recipe import StageConfig
+from .config import StageConfig
 from .base import PipelineState, Stage, register
 
 

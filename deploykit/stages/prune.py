@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import RecipeError
-from ..recipe import StageConfig
+from .config import StageConfig
 from .base import PipelineState, Stage, register
 
 PRUNED_FILE = "model.pruned.pth"

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from ..errors import DataError, ParityError
 from ..training import DistillConfig
-from .base import PipelineState, Stage, register
+from .base import PipelineState, RuntimeChoice, Stage, register
 
 QAT_FILE = "model.qat.onnx"
 WEIGHT_RANGE_7BIT = (-64, 63)
@@ -254,13 +254,14 @@ class Qat(Stage):
         import torch
 
         from ..backends import create_backend
+        from ..data import data_help
         from ..evaluate import classification_metrics, fidelity
         from ..training import fit_distill
 
         c = self.config
         if state.data is None:
             raise DataError("the qat stage needs labelled training images",
-                            fix="pass --data (an ImageFolder path, fashion-mnist or fashion-mnist-lt), or use int8-ptq")
+                            fix=f"pass --data ({data_help()}), or use int8-ptq")
         if state.onnx_fp32_path is None:
             raise ParityError("qat needs the float ONNX model to check against", fix="put export_onnx before it")
         calib = state.calibration_inputs()
@@ -324,5 +325,7 @@ class Qat(Stage):
 
         state.model = qmodel
         state.onnx_path, state.precision = dst, "int8"
-        state.runtime = {"backend": "onnxruntime", "settings": {}}
+        state.add_model("qat-qdq", dst)
+        state.validation_indices = res.val_indices
+        state.runtime = RuntimeChoice("onnxruntime")
         return facts

@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from ..recipe import StageConfig
-from .base import PipelineState, Stage, register
+from .config import StageConfig
+from .base import PipelineState, QuantSettings, RuntimeChoice, Stage, register
 from .export_onnx import INPUT_NAME
 
 
@@ -123,7 +123,11 @@ class QuantizeOnnx(Stage):
                               fix="calibrate on real data (--data), try --calibration-method entropy/percentile, "
                                   "or exclude sensitive nodes")
         state.onnx_path, state.precision = dst, "int8"
-        state.runtime = {"backend": "onnxruntime", "settings": {}}
+        state.add_model("int8-qdq", dst)
+        state.quantization = QuantSettings(method=c.method, per_channel=c.per_channel,
+                                           activation_type=c.activation_type, weight_type=c.weight_type,
+                                           reduce_range=c.reduce_range)
+        state.runtime = RuntimeChoice("onnxruntime")
         return {"file": dst.name, "calibration_images": int(len(calib)), "method": c.method,
                 "per_channel": c.per_channel, "reduce_range": c.reduce_range, "activation_type": c.activation_type, "weight_type": c.weight_type,
                 "qdq": count_qdq(dst), "fidelity_vs_fp32": fid}

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from ..recipe import StageConfig
+from .config import StageConfig
 from .base import PipelineState, Stage, register
 from .export_onnx import INPUT_NAME
 
@@ -118,8 +118,11 @@ class QuantizeOpenVino(Stage):
                                   fix="calibrate on real data (--data), try preset: mixed, or list sensitive nodes "
                                       "in ignored_names")
             outputs[fmt], fids[fmt] = dst.name, fid
-        # The pipeline's shipped model is select_runtime's decision; this stage only offers a candidate.
+        # The pipeline's shipped model is select_runtime's decision; this stage only offers candidates.
         primary = state.workdir / outputs[formats[0]]
+        state.add_model("openvino-int8", primary)
+        if len(formats) > 1:
+            state.add_model("openvino-int8-onnx", state.workdir / outputs["onnx"])
         return {"file": primary.name, "files": model_files(primary), "outputs": outputs, "format": c.format,
                 "preset": c.preset, "calibration_images": int(min(c.subset_size, len(calib))),
                 "fidelity_vs_fp32": fids[formats[0]], "fidelity_by_format": fids, "inputs_checked": int(len(x))}

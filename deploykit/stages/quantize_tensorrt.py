@@ -29,8 +29,8 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import DeployKitError, ParityError
-from ..recipe import StageConfig
-from .base import PipelineState, Stage, register
+from .config import StageConfig
+from .base import PipelineState, RuntimeChoice, Stage, register
 from .export_onnx import INPUT_NAME
 
 
@@ -179,7 +179,7 @@ class QuantizeTensorRT(Stage):
         # On a GPU machine with onnxruntime-gpu this picks TensorRT/CUDA providers; elsewhere it falls back
         # to CPU with a stated reason (see backends/onnxruntime_backend.py). `deploykit build-engine` makes
         # the native TensorRT engine.
-        state.runtime = {"backend": "onnxruntime", "settings": {"device": "gpu"}}
+        state.runtime = RuntimeChoice("onnxruntime", {"device": "gpu"})
         return {"file": dst.name, "tool": used["tool"], "tool_reason": used["tool_reason"], "method": c.method,
                 "calibration_images": int(len(calib)), "structure": {k: structure[k] for k in
                                                                      ("ok", "counts", "float_by_rule")},

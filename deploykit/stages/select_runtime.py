@@ -1,18 +1,9 @@
 """Pick the CPU runtime by measurement: every candidate is evaluated and timed here, the fastest within budget ships.
 
-Candidates (those whose model exists in the work directory):
-
-=====================  ===========  ==========================  =================
-variant                runtime      model                       FP32 counterpart
-=====================  ===========  ==========================  =================
-onnxruntime-fp32       onnxruntime  model.fp32.onnx             (the reference)
-onnxruntime-int8       onnxruntime  quantize_onnx's QDQ ONNX    onnxruntime-fp32
-openvino-fp32          openvino     model.fp32.onnx, f32 forced onnxruntime-fp32
-openvino-bf16          openvino     model.fp32.onnx, bf16 hint  openvino-fp32
-openvino-int8          openvino     quantize_openvino's model   openvino-fp32
-openvino-int8-onnx     openvino     NNCF's Q/DQ ONNX (both)     openvino-fp32
-openvino-qdq           openvino     quantize_onnx's QDQ ONNX    openvino-fp32
-=====================  ===========  ==========================  =================
+Candidates are the registered runtime variants (``deploykit.variants``, declared by each backend module) whose
+model an earlier stage wrote: the float export always gives ``onnxruntime-fp32`` (the reference) and
+``openvino-fp32``; ``quantize_onnx`` adds ``onnxruntime-int8`` and ``openvino-qdq``; ``quantize_openvino`` adds
+``openvino-int8``; ``qat`` adds ``onnxruntime-qat`` and ``openvino-qat``. Each names the FP32 variant it must beat.
 
 Rules (``choose_runtime``, pure and tested on recorded numbers): a variant is eligible when it meets the
 accuracy budget and is no slower than its FP32 counterpart at any timed batch size; the eligible one with
@@ -27,39 +18,17 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import RecipeError
-from ..recipe import StageConfig
-from .base import PipelineState, Stage, register
+from .config import StageConfig
+from ..variants import REFERENCE
+from .base import PipelineState, RuntimeCandidate, RuntimeChoice, Stage, register
 
-REFERENCE = "onnxruntime-fp32"
 TORCH = "torch-eager-fp32"  # timed beside the candidates as a baseline; never a candidate itself
-VARIANTS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
-            "openvino-int8-onnx", "openvino-qdq", "onnxruntime-qat", "openvino-qat")
-
-
-@dataclass
-class Candidate:
-    """One runtime variant: a model file on a backend with settings, and the FP32 variant it must beat."""
-
-    name: str
-    backend: str
-    model: Path
-    precision: str
-    counterpart: str | None
-    settings: dict = field(default_factory=dict)
-    retrained: bool = False  # fine-tuned (QAT): meant to differ from the FP32 model, judged on accuracy
-
-    def create(self, threads: int | None):
-        from ..backends import create_backend
-
-        return create_backend(self.backend, self.model, threads=threads, precision=self.precision, **self.settings)
 
 
 def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: str = "balanced",
@@ -178,36 +147,20 @@ def budget_notes(fid: dict, top1_drop: float | None, *, retrained: bool, min_top
     return notes
 
 
-def collect_candidates(state: PipelineState, names: list[str] | None, bf16: str) -> list[Candidate]:
-    """The variants whose models exist: the float export always, INT8 ones when their stage ran."""
-    from ..backends.openvino_backend import cpu_capabilities
+def _known_variants(names: list[str] | None) -> list[str] | None:
+    from ..variants import variant_names
 
-    fp32 = state.onnx_fp32_path
-    ort_int8 = state.facts.get("quantize_onnx", {}).get("file")
-    ov_int8 = state.facts.get("quantize_openvino", {}).get("file")
-    ov_outputs = state.facts.get("quantize_openvino", {}).get("outputs", {})
-    ov = {"hint": "LATENCY"}
-    out = [Candidate("onnxruntime-fp32", "onnxruntime", fp32, "fp32", None),
-           Candidate("openvino-fp32", "openvino", fp32, "fp32", REFERENCE, dict(ov))]
-    if bf16 == "always" or (bf16 == "auto" and "BF16" in cpu_capabilities()):
-        out.append(Candidate("openvino-bf16", "openvino", fp32, "bf16", "openvino-fp32", dict(ov)))
-    if ort_int8:
-        out.append(Candidate("onnxruntime-int8", "onnxruntime", state.workdir / ort_int8, "int8", REFERENCE))
-    if ov_int8:
-        out.append(Candidate("openvino-int8", "openvino", state.workdir / ov_int8, "int8", "openvino-fp32", dict(ov)))
-    if ov_outputs.get("onnx") and ov_outputs["onnx"] != ov_int8:  # format: both -> NNCF's ONNX path measured too
-        out.append(Candidate("openvino-int8-onnx", "openvino", state.workdir / ov_outputs["onnx"], "int8",
-                             "openvino-fp32", dict(ov)))
-    if ort_int8:
-        out.append(Candidate("openvino-qdq", "openvino", state.workdir / ort_int8, "int8", "openvino-fp32", dict(ov)))
-    qat = state.facts.get("qat", {}).get("file")
-    if qat:  # the QAT stage's QDQ model, on both runtimes
-        out.append(Candidate("onnxruntime-qat", "onnxruntime", state.workdir / qat, "int8", REFERENCE, retrained=True))
-        out.append(Candidate("openvino-qat", "openvino", state.workdir / qat, "int8", "openvino-fp32", dict(ov),
-                             retrained=True))
-    if names is not None:
-        out = [c for c in out if c.name in names or c.name == REFERENCE]
-    return out
+    if names is None:
+        return None
+    known = variant_names()
+    for n in names:
+        if n not in known:
+            import difflib
+
+            close = difflib.get_close_matches(n, known, n=2)
+            raise ValueError(f"unknown runtime variant {n!r}"
+                             + (f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(known)}"))
+    return names
 
 
 @register("select_runtime")
@@ -215,8 +168,9 @@ class SelectRuntime(Stage):
     """Evaluate and time every CPU runtime variant; ship the fastest one within the accuracy budget."""
 
     class Config(StageConfig):
-        candidates: list[Literal[VARIANTS]] | None = Field(None, description="None = every variant whose model exists")
-        force: Literal[VARIANTS] | None = Field(None, description="ship this variant whatever the measurements say")
+        candidates: list[str] | None = Field(None, description="runtime variants to measure (deploykit.variants); "
+                                                                 "None = every variant whose model exists")
+        force: str | None = Field(None, description="ship this runtime variant whatever the measurements say")
         objective: Literal["balanced", "latency", "throughput"] = "balanced"
         bf16: Literal["auto", "always", "never"] = Field("auto",
                                                          description="auto: a candidate only where the CPU has BF16")
@@ -234,6 +188,16 @@ class SelectRuntime(Stage):
         threads: int | None = Field(None, ge=1, description="None = physical cores")
         time_torch: bool = Field(True, description="also time PyTorch eager FP32 (the original model) as a baseline")
 
+        @field_validator("candidates")
+        @classmethod
+        def _candidates_known(cls, v):
+            return _known_variants(v)
+
+        @field_validator("force")
+        @classmethod
+        def _force_known(cls, v):
+            return v if v is None else _known_variants([v])[0]
+
     def run(self, state: PipelineState) -> dict:
         from ..evaluate import classification_metrics, fidelity
         c = self.config
@@ -242,7 +206,7 @@ class SelectRuntime(Stage):
         if state.onnx_fp32_path is None:
             raise RecipeError("select_runtime needs the float ONNX model",
                               fix="put export_onnx before it in the recipe")
-        cands = collect_candidates(state, c.candidates, c.bf16)
+        cands = state.runtime_candidates(c.candidates, bf16=_wants_bf16(c.bf16))
         backends = {cand.name: cand.create(c.threads) for cand in cands}
         timed = {n: be.run for n, be in backends.items()}
         if c.time_torch:
@@ -283,9 +247,10 @@ class SelectRuntime(Stage):
         rows = []
         for cand in cands:
             fid = fidelity(ref_out, out[cand.name])
+            v = cand.variant
             row: dict[str, Any] = {
-                "name": cand.name, "backend": cand.backend, "model": cand.model.name, "precision": cand.precision,
-                "settings": cand.settings, "counterpart": cand.counterpart, "latency_ms": latency[cand.name],
+                "name": cand.name, "backend": v.backend, "model": cand.path.name, "precision": v.precision,
+                "settings": v.settings, "counterpart": v.counterpart, "latency_ms": latency[cand.name],
                 "runs": runs[cand.name], "top1_agreement": fid["top1_agreement"], "sqnr_db": fid["sqnr_db"],
                 "top1": None, "runtime": backends[cand.name].info(),
             }
@@ -297,7 +262,7 @@ class SelectRuntime(Stage):
                 ref_top1 = ref_top1 if ref_top1 is not None else classification_metrics(ref_out, labels,
                                                                                           int(ref_out.shape[1]))["top1"]
                 row["top1_drop"] = round(ref_top1 - row["top1"], 4)
-            notes = budget_notes(fid, row.get("top1_drop"), retrained=cand.retrained,
+            notes = budget_notes(fid, row.get("top1_drop"), retrained=v.retrained,
                                  min_top1_agreement=c.min_top1_agreement, min_sqnr_db=c.min_sqnr_db,
                                  max_top1_drop=c.max_top1_drop)
             row["meets_budget"] = not notes
@@ -318,21 +283,31 @@ class SelectRuntime(Stage):
                 "int8_paid": _int8_paid(rows)}
 
     @staticmethod
-    def _apply(state: PipelineState, chosen: Candidate, rows: list[dict]) -> None:
-        """Record the choice. ``runtime["model"]`` names the file to ship; ``onnx_path`` stays an ONNX file."""
+    def _apply(state: PipelineState, chosen: RuntimeCandidate, rows: list[dict]) -> None:
+        """Record the choice. ``runtime.model`` names the file to ship; ``onnx_path`` stays an ONNX file."""
         from .quantize_openvino import model_files
 
-        files = {chosen.backend: chosen.model.name}
+        v = chosen.variant
+        files = {v.backend: chosen.path.name}
         # the fastest eligible ONNX for ONNX Runtime, so DEPLOYKIT_BACKEND=onnxruntime still has a model to run
         ort = [r for r in rows if r["backend"] == "onnxruntime" and r["verdict"] == "eligible"]
-        if chosen.backend != "onnxruntime" and ort:
+        if v.backend != "onnxruntime" and ort:
             files["onnxruntime"] = min(ort, key=lambda r: r["score"])["model"]
-        state.runtime = {"backend": chosen.backend, "settings": dict(chosen.settings), "model": chosen.model.name,
-                         "variant": chosen.name, "files": files, "model_files": model_files(chosen.model)}
-        state.precision = chosen.precision
-        if chosen.model.suffix == ".onnx":
-            state.onnx_path = chosen.model
+        state.runtime = RuntimeChoice(backend=v.backend, settings=dict(v.settings), model=chosen.path.name,
+                                      variant=chosen.name, files=files, model_files=model_files(chosen.path))
+        state.precision = v.precision
+        if chosen.path.suffix == ".onnx":
+            state.onnx_path = chosen.path
         # else (an IR): onnx_path keeps the latest ONNX, so code that expects model.onnx keeps working
+
+
+def _wants_bf16(setting: str) -> bool:
+    """BF16 candidates: "always", "never", or "auto" = only where the CPU computes BF16 natively."""
+    if setting != "auto":
+        return setting == "always"
+    from ..backends.openvino_backend import cpu_capabilities
+
+    return "BF16" in cpu_capabilities()
 
 
 def _int8_paid(rows: list[dict]) -> dict[str, bool]:
