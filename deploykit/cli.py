@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from .data import describe_datasets
 from .errors import DeployKitError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -72,7 +73,7 @@ def compress(
     bf16: bool = typer.Option(False, "--bf16", help="preset: recipes/bf16.yaml (CPU, OpenVINO)"),
     fp32: bool = typer.Option(False, "--fp32", help="preset: recipes/fp32.yaml (export only)"),
     target: Optional[Target] = typer.Option(None, help="deployment target"),
-    data: Optional[str] = typer.Option(None, help="fashion-mnist | fashion-mnist-lt | ImageFolder dir | none (data-free); default: the dataset the checkpoint names, else data-free"),
+    data: Optional[str] = typer.Option(None, help=f"{describe_datasets()}; or an ImageFolder dir; or none (data-free). Default: the dataset the checkpoint names, else data-free"),
     arch: Optional[str] = typer.Option(None, help="timm architecture, when the checkpoint does not say"),
     num_classes: Optional[int] = typer.Option(None, help="classifier outputs, when the checkpoint does not say"),
     in_chans: Optional[int] = typer.Option(None, help="input channels, when the checkpoint does not say"),

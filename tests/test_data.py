@@ -1,14 +1,61 @@
-"""Datasets: Fashion-MNIST(-LT) from the Debian package, ImageFolder, and clear errors for bad data."""
+"""Datasets: the registry (every registered dataset), Fashion-MNIST(-LT), ImageFolder, and clear errors for bad data."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from deploykit.data import resolve_data
+from deploykit.data import DATASETS, data_help, dataset_names, resolve_data
 from deploykit.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, long_tail_counts
 from deploykit.data.imagefolder import load_imagefolder_splits
-from deploykit.errors import DataError
+from deploykit.errors import DataError, DeployKitError
 from deploykit.recipe import DataConfig
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_registered_dataset_resolves_to_labelled_splits(name):
+    spec = DATASETS.get(name)
+    assert spec.name == name and spec.description and spec.install_hint
+    if not spec.available():
+        pytest.skip(f"{name} is not installed here: {spec.install_hint}")
+    s = resolve_data(DataConfig(name=name, calibration_images=64, eval_images=200))
+    assert s.name == name and len(s.class_names) == spec.num_classes
+    for split in (s.train, s.calibration, s.eval):
+        assert len(split) > 0 and split.class_names == s.class_names
+        assert split.labels.min() >= 0 and split.labels.max() < spec.num_classes
+        if split.images is not None:
+            assert split.images.dtype == np.uint8 and len(split.images) == len(split)
+    assert len(np.unique(s.train.labels)) == spec.num_classes  # every class can be calibrated and fine-tuned on
+    assert len(s.calibration) == min(64, len(s.train)) and len(s.eval) <= 200
+
+
+def test_registry_feeds_names_and_help():
+    names = dataset_names()
+    assert names == DATASETS.names() and {"fashion-mnist", "fashion-mnist-lt", "digits"} <= set(names)
+    assert all(n in data_help() for n in names) and "ImageFolder" in data_help()
+    import deploykit.data as data
+
+    assert data.BUILTIN == tuple(names)  # the old constant, kept for callers not yet moved to dataset_names()
+
+
+@pytest.mark.parametrize("name, close", [("fashon-mnist", "did you mean fashion-mnist"),
+                                         ("digit", "did you mean digits"),
+                                         ("flowers", "pass --data an ImageFolder path")])
+def test_unknown_dataset_name_fails_in_one_line(tmp_path, monkeypatch, name, close):
+    monkeypatch.chdir(tmp_path)  # so the bare name is not an existing directory
+    with pytest.raises(DataError, match=f"unknown dataset '{name}'") as err:
+        resolve_data(DataConfig(name=name))
+    msg = str(err.value)
+    assert "\n" not in msg and close in msg and all(n in msg for n in dataset_names())
+    assert isinstance(err.value, DeployKitError)
+
+
+def test_a_path_that_is_not_a_name_is_an_imagefolder(tmp_path, monkeypatch):
+    _folder(tmp_path / "flowers", ["rose", "tulip"], n=5)
+    monkeypatch.chdir(tmp_path)
+    s = resolve_data(DataConfig(name="flowers", calibration_images=4))  # a bare existing directory
+    assert s.class_names == ["rose", "tulip"] and len(s.calibration) == 4
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data(DataConfig(name=str(tmp_path / "missing")))
 
 
 def test_fashion_mnist_splits_are_real_and_balanced():

@@ -1,22 +1,29 @@
-"""Labelled image sets and the splits a compression run needs.
+"""Labelled image sets, the dataset registry, and the splits a compression run needs.
+
+A dataset is one module in this package that registers a :class:`DatasetSpec` (see ``digits.py``):
+``resolve_data``, the CLI's ``--data`` help and the checkpoint's recorded dataset all read ``DATASETS``,
+so no list elsewhere has to learn the new name. A ``--data`` value that is not a registered name is an
+ImageFolder directory.
 
 Example:
     >>> splits = resolve_data(DataConfig(name="fashion-mnist", calibration_images=256))
     >>> len(splits.eval), splits.eval.class_names[0]
     (10000, 'T-shirt/top')
+    >>> dataset_names()
+    ['digits', 'fashion-mnist', 'fashion-mnist-lt']
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import DataError
-
-BUILTIN = ("fashion-mnist", "fashion-mnist-lt")
+from ..errors import DataError, RecipeError
+from ..registry import Registry
 
 
 @dataclass
@@ -88,21 +95,79 @@ class DataSplits:
         return self.eval.class_names
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset. ``load(cfg)`` returns (train, test): calibration/fine-tuning images come from
+    train, reported accuracy from test. Module top levels stay light: heavy imports go inside ``load``."""
+
+    name: str
+    description: str  # one short phrase, shown in `deploykit compress --help`
+    num_classes: int
+    load: Callable[..., tuple["ImageSet", "ImageSet"]]
+    install_hint: str = ""  # how to get the data or its library when it is missing
+    available: Callable[[], bool] = lambda: True  # cheap check (no loading); tests skip what is not installed
+
+
+# Every module of this package except these registers datasets; they are imported on first lookup.
+DATASETS: Registry[DatasetSpec] = Registry("dataset", package=__name__, skip=("imagefolder", "synthetic"))
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    return DATASETS.register(spec.name)(spec)
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names, sorted (what ``--data`` accepts besides an ImageFolder path and 'none')."""
+    return DATASETS.names()
+
+
+def data_help() -> str:
+    """One phrase for error fixes and help texts, e.g. 'an ImageFolder path, or one of: digits, fashion-mnist'."""
+    return f"an ImageFolder path, or one of: {', '.join(dataset_names())}"
+
+
+def describe_datasets() -> str:
+    """'digits (…); fashion-mnist (…); …': the registered names with their descriptions, for help texts."""
+    return "; ".join(f"{name} ({spec.description})" for name, spec in sorted(DATASETS.items()))
+
+
+def __getattr__(name: str):
+    if name == "BUILTIN":  # the old tuple of names; new code calls dataset_names()
+        return tuple(dataset_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists())
+
+
+def _unknown(name: str) -> DataError:
+    """One line: the close registered names (the registry's own hint), then what --data takes."""
+    try:
+        DATASETS.get(name)
+        close = None
+    except RecipeError as err:
+        close = err.fix if err.fix and err.fix.startswith("did you mean") else None
+    return DataError(f"unknown dataset {name!r} (not a registered name, and no such directory)",
+                     fix=f"{close} (--data takes {data_help()})" if close else f"pass --data {data_help()}")
+
+
 def resolve_data(cfg) -> DataSplits | None:
-    """DataConfig -> DataSplits; None when cfg.name is None or 'none' (the data-free path)."""
+    """DataConfig -> DataSplits; None when cfg.name is None or 'none' (the data-free path).
+
+    A registered name loads that dataset; anything else is an ImageFolder directory.
+    """
     if cfg.name in (None, "none"):
         return None
-    if cfg.name in BUILTIN:
-        from .fashion_mnist import load_fashion_mnist
-
-        train = load_fashion_mnist("train", long_tailed=cfg.name.endswith("-lt"), seed=cfg.seed)
-        test = load_fashion_mnist("test")
-        name = cfg.name
-    else:
+    name = str(cfg.name)
+    if name in DATASETS:
+        train, test = DATASETS.get(name).load(cfg)
+    elif _looks_like_path(name):
         from .imagefolder import load_imagefolder_splits
 
-        train, test = load_imagefolder_splits(Path(cfg.name), seed=cfg.seed)
-        name = str(cfg.name)
+        train, test = load_imagefolder_splits(Path(name).expanduser(), seed=cfg.seed)
+    else:
+        raise _unknown(name)
     # Calibrate on training images, evaluate on the held-out split: never calibrate on what is scored.
     calibration = train.head(cfg.calibration_images, seed=cfg.seed, name=f"{name}:calibration")
     return DataSplits(name=name, train=train, calibration=calibration,

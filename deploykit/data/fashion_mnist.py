@@ -4,6 +4,8 @@
 exponentially with imbalance ratio 100 (the CIFAR-10-LT convention, Cao et al. 2019); the test split
 stays balanced.
 
+Registers two datasets: "fashion-mnist" and "fashion-mnist-lt" (same test split, long-tailed training split).
+
 Example:
     >>> ds = load_fashion_mnist("test")
     >>> ds.images.shape, ds.num_classes
@@ -20,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from . import ImageSet
+from . import DatasetSpec, ImageSet, register_dataset
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Training-split statistics of the pixels in [0, 1]; used as the reference model's mean/std.
 MEAN, STD = 0.2860, 0.3530
+INSTALL_HINT = "apt-get install dataset-fashion-mnist (or set DEPLOYKIT_FASHION_MNIST_DIR)"
 
 
 def data_dir() -> Path:
@@ -38,8 +41,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise DataError(f"Fashion-MNIST file {path} not found",
-                        fix="apt-get install dataset-fashion-mnist (or set DEPLOYKIT_FASHION_MNIST_DIR)") from None
+        raise DataError(f"Fashion-MNIST file {path} not found", fix=INSTALL_HINT) from None
     except (OSError, EOFError) as err:
         raise DataError(f"Fashion-MNIST file {path} is corrupt ({err})",
                         fix="reinstall: apt-get install --reinstall dataset-fashion-mnist") from None
@@ -74,3 +76,24 @@ def load_fashion_mnist(split: str = "train", long_tailed: bool = False, imbalanc
         images, labels = images[keep], labels[keep]
         name = "fashion-mnist-lt"
     return ImageSet(name=f"{name}:{split}", class_names=list(CLASS_NAMES), labels=labels, images=images)
+
+
+def available() -> bool:
+    d = data_dir()
+    return all((d / f).is_file() for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+
+
+def _splits(long_tailed: bool):
+    def load(cfg) -> tuple[ImageSet, ImageSet]:
+        return load_fashion_mnist("train", long_tailed=long_tailed, seed=cfg.seed), load_fashion_mnist("test")
+
+    return load
+
+
+register_dataset(DatasetSpec("fashion-mnist", "Fashion-MNIST, 28x28 grey clothing, 10 classes, 60k/10k",
+                             num_classes=len(CLASS_NAMES), load=_splits(False), install_hint=INSTALL_HINT,
+                             available=available))
+register_dataset(DatasetSpec("fashion-mnist-lt", "fashion-mnist with a long-tailed train split, ratio 100",
+                             num_classes=len(CLASS_NAMES), load=_splits(True), install_hint=INSTALL_HINT,
+                             available=available))
