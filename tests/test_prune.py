@@ -85,14 +85,15 @@ def test_user_errors_are_one_line():
 def test_prune_stage_runs_in_a_recipe(tmp_path):
     from deploykit.preprocessing import Preprocessing
     from deploykit.recipe import parse_recipe
-    from deploykit.stages import STAGES, PipelineState
+    from deploykit.stages import STAGES, PipelineState, StageInputs
 
     recipe = parse_recipe({"stages": [{"prune": {"ratio": 0.5}}]})
     model = timm.create_model("resnet10t", num_classes=4, in_chans=1).eval()
     state = PipelineState(model=model, teacher=timm.create_model("resnet10t", num_classes=4, in_chans=1).eval(),
                           preprocessing=Preprocessing(input_size=(1, 32, 32), mean=(0.5,), std=(0.5,)),
-                          workdir=tmp_path, log=lambda s: None)
-    state.check_fn = lambda: np.random.default_rng(0).standard_normal((8, 1, 32, 32)).astype(np.float32)
+                          workdir=tmp_path, log=lambda s: None,
+                          inputs=StageInputs(check_fn=lambda: np.random.default_rng(0).standard_normal(
+                              (8, 1, 32, 32)).astype(np.float32)))
     spec = recipe.stages[0]
     facts = STAGES.get("prune")(spec.config).run(state)
     assert facts["ratio"] == 0.5 and facts["macs_kept"] < 0.45

@@ -96,3 +96,16 @@ def test_cli_max_drop_sets_the_budget_of_the_stage_that_decides(recipe, stage, f
     resolved = parse_recipe(yaml.safe_load(out.stdout))
     assert getattr(resolved.stage(stage).config, field) == 0.7
     assert (resolved.stage("accuracy_guard") is None) == (recipe == "qat-int8")
+
+
+def test_recipes_keep_repeated_stages_and_address_them_by_index():
+    r = parse_recipe({"stages": ["fuse_bn", "export_onnx", "fuse_bn"]})
+    assert r.with_overrides({"data.seed": 3}).stage_names() == ["fuse_bn", "export_onnx", "fuse_bn"]
+    assert r.with_overrides({"stages.1.opset": 18}).stages[1].config.opset == 18
+    assert r.with_overrides({"stages.export_onnx.opset": 16}).stages[1].config.opset == 16  # unique: by name
+    with pytest.raises(RecipeError, match=r"lists stage 'fuse_bn' 2 times \(at 0, 2\).*stages\.0\.<field>"):
+        r.with_overrides({"stages.fuse_bn.version": 1})
+    with pytest.raises(RecipeError, match=r"no stage at index 3 .*use an index from 0 to 2"):
+        r.with_overrides({"stages.3.version": 1})
+    # the resolved YAML keeps both, in order
+    assert parse_recipe(yaml.safe_load(r.to_yaml())).stage_names() == ["fuse_bn", "export_onnx", "fuse_bn"]
