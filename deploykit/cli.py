@@ -146,11 +146,25 @@ def compress(
 
 @app.command("recipes")
 def recipes_cmd() -> None:
-    """List the built-in recipes."""
+    """List the built-in recipes, and the stages, runtime variants and datasets a recipe can name."""
+    from .data import DATASETS
     from .recipe import list_recipes, load_recipe
+    from .stages import STAGES
+    from .variants import RUNTIME_VARIANTS
 
+    typer.echo("recipes:")
     for name in list_recipes():
-        typer.echo(f"{name:16s} {load_recipe(name).description}")
+        typer.echo(f"  {name:20s} {load_recipe(name).description}")
+    typer.echo("stages:")
+    for name, cls in STAGES.items():
+        typer.echo(f"  {name:20s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    typer.echo("runtime variants (select_runtime candidates/force):")
+    for name, v in RUNTIME_VARIANTS.items():
+        vs = f" vs {v.counterpart}" if v.counterpart else " (reference)" if name == "onnxruntime-fp32" else ""
+        typer.echo(f"  {name:20s} {v.backend} {v.precision} on the {v.model} model{vs}")
+    typer.echo("datasets (--data):")
+    for name, spec in DATASETS.items():
+        typer.echo(f"  {name:20s} {spec.description}")
 
 
 @app.command()

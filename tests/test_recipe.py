@@ -109,3 +109,14 @@ def test_recipes_keep_repeated_stages_and_address_them_by_index():
         r.with_overrides({"stages.3.version": 1})
     # the resolved YAML keeps both, in order
     assert parse_recipe(yaml.safe_load(r.to_yaml())).stage_names() == ["fuse_bn", "export_onnx", "fuse_bn"]
+
+
+def test_cli_lists_what_the_registries_hold():
+    """`deploykit recipes` is read from the registries: every stage, runtime variant and dataset appears."""
+    from deploykit.data import DATASETS
+    from deploykit.variants import RUNTIME_VARIANTS
+
+    out = subprocess.run([sys.executable, "-m", "deploykit", "recipes"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert set(STAGES.names()) | set(RUNTIME_VARIANTS.names()) | set(DATASETS.names()) | set(list_recipes()) == listed
