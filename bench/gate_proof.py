@@ -1,7 +1,7 @@
 """Prove the latency gate: false-alarm rate on A/A runs, detection rate on planted 10% and 25% slowdowns.
 
 Each trial measures, in one process and in a shuffled order, a fresh baseline and three candidates of the
-same artifact: unchanged (A/A), +10% and +25% (``deploykit.benchmark.with_planted_slowdown``: after
+same artifact: unchanged (A/A), +10% and +25% (``deploykit.gate.with_planted_slowdown``: after
 every model call, spin for that fraction of the call's own time, so the planted cost scales with load
 exactly like the model). Each candidate is decided against
   * its own trial's baseline ("fresh": baseline and candidate measured seconds apart), and
@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deploykit.benchmark import measure_gate, model_reference
 from deploykit.environment import machine_line, versions
-from deploykit.gate import NOISY, OK, REGRESSION, decide_estimate, estimate
+from deploykit.gate import NOISY, OK, REGRESSION, decide_estimate, estimate, measure_gate, model_reference
 
 CONDITIONS = {"A/A": 0.0, "+10%": 0.10, "+25%": 0.25}
 

@@ -1,12 +1,14 @@
-"""Accuracy-vs-latency benchmark of an artifact's variants, and the latency-regression gate's measurements.
+"""Accuracy-vs-latency benchmark of an artifact's variants (the CI latency gate is ``deploykit.gate``).
 
 A *variant* is one model on one runtime at one precision (e.g. ``onnxruntime/int8``). ``run_benchmark``
 finds the variants an artifact can offer, times them all interleaved (so load on a shared machine hits
 them alike), evaluates each on the evaluation set, and returns a ``bench.json``-shaped dict;
 ``write_bench`` writes bench.json, bench.md and the Pareto PNG.
 
-The gate half (``measure_gate``, ``make_baseline``, ``run_gate``) times the artifact's deployed model
-against a fixed reference workload, round by round, and hands the ratios to ``deploykit.gate.decide``.
+Which runtimes exist comes from the backend registry (``deploykit.backends.BACKENDS``): each Backend class
+says where it runs (``device``), what it reads (``reads``: an nn.Module, ``.onnx``, ``.xml``), the extra
+names it is benchmarked under (``bench_modes``, e.g. torch-compile) and why it cannot run here
+(``unavailable``). Adding a runtime adds its variants here without a list to edit.
 
 Example:
     >>> result = run_benchmark("ckpt.deploykit", backends=["torch", "onnxruntime"], batch_sizes=[1, 32])
@@ -29,12 +31,6 @@ import numpy as np
 from .errors import DeployKitError
 
 BENCH_SCHEMA = "deploykit.bench/1"
-BASELINE_SCHEMA = "deploykit.gate-baseline/1"
-GATE_SCHEMA = "deploykit.gate-result/1"
-# torch.compile is opt-in: its first compile per batch shape took minutes on the shared 2-core machine.
-DEFAULT_BACKENDS = ("torch", "onnxruntime", "openvino")
-GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
-KNOWN_BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino") + GPU_BACKENDS
 
 
 class BenchError(DeployKitError):
@@ -57,6 +53,47 @@ class BenchVariant:
     group: str = ""  # colour group in the Pareto plot (e.g. the prune ratio of a sweep)
 
 
+# --- which runtimes: read from the backend registry ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchBackend:
+    """A name ``--backends`` accepts: a registered backend, or one of its ``bench_modes`` (extra settings)."""
+
+    name: str                # e.g. "openvino", "torch-compile", "onnxruntime-cuda"
+    backend: str             # the registered backend it runs on
+    device: str              # "cpu" or "gpu"
+    settings: dict = field(default_factory=dict)
+    default: bool = False    # in the default --backends: a backend's own name on the CPU (modes are opt-in)
+
+    def unavailable(self) -> str | None:
+        from .backends import BACKENDS
+
+        return BACKENDS.get(self.backend).unavailable(**self.settings)
+
+
+def bench_backends() -> dict[str, BenchBackend]:
+    """Every name ``--backends`` accepts, CPU ones first (registry order), then GPU ones."""
+    from .backends import BACKENDS
+
+    found = []
+    for name, cls in BACKENDS.items():
+        found.append(BenchBackend(name, name, cls.device, {}, default=cls.device == "cpu"))
+        for mode, settings in cls.bench_modes.items():
+            device = "cpu" if settings.get("device", cls.device) == "cpu" else "gpu"
+            found.append(BenchBackend(mode, name, device, dict(settings)))
+    return {b.name: b for b in sorted(found, key=lambda b: b.device != "cpu")}
+
+
+def known_backends() -> list[str]:
+    return list(bench_backends())
+
+
+def default_backends() -> list[str]:
+    """The CPU backends, each under its own name (torch.compile and GPU variants are opt-in)."""
+    return [b.name for b in bench_backends().values() if b.default]
+
+
 # --- variants --------------------------------------------------------------------------------------------------
 
 
@@ -71,12 +108,12 @@ def file_size_mb(path: Path) -> float:
 
 
 def parse_backends(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """'torch,onnxruntime' -> ['torch', 'onnxruntime'], checked against the known names."""
+    """'torch,onnxruntime' -> ['torch', 'onnxruntime'], checked against the registered names."""
     names = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
-    bad = [b for b in names if b not in KNOWN_BACKENDS]
+    known = known_backends()
+    bad = [b for b in names if b not in known]
     if bad or not names:
-        raise BenchError(f"unknown backend {', '.join(bad) or '(none given)'}",
-                         fix=f"choose from {', '.join(KNOWN_BACKENDS)}")
+        raise BenchError(f"unknown backend {', '.join(bad) or '(none given)'}", fix=f"choose from {', '.join(known)}")
     return names
 
 
@@ -95,35 +132,6 @@ def _has_cpu_flag(*flags: str) -> bool:
     from .environment import machine
 
     return any(f in machine()["cpu_flags"] for f in flags)
-
-
-def gpu_available() -> tuple[bool, str]:
-    """Whether a CUDA device is usable here, and why not (the hook GPU backends plug into)."""
-    try:
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers() and os.path.exists("/dev/nvidia0"):
-            return True, ""
-    except ImportError:
-        pass
-    return False, "no NVIDIA GPU / CUDA execution provider on this machine"
-
-
-def _gpu_variant(name: str, art) -> BenchVariant:
-    """GPU variants: TensorRT / ORT-CUDA. Built by the GPU backends once they are registered."""
-    from .backends import BACKENDS
-
-    ok, why = gpu_available()
-    if not ok:
-        raise BenchError(why, fix="run the GPU variants on a GPU machine")
-    backend = "tensorrt" if name == "tensorrt" else "onnxruntime"
-    if backend not in BACKENDS:
-        raise BenchError(f"backend {backend!r} is not registered in this deploykit", fix="install the GPU extra")
-    path = art.model_path()
-    precision = art.runtime.get("precision", "fp32")
-    settings = {"device": "cuda"} if name == "onnxruntime-cuda" else {}
-    return BenchVariant(f"{name}/{precision}", name, precision,
-                        lambda: _create(backend, path, precision=precision, **settings), path.name, file_size_mb(path))
 
 
 def _create(backend: str, model, threads: int | None = None, **settings):
@@ -164,9 +172,12 @@ def _load_torch_model(art, path: Path):
                            in_chans=mc.in_chans, trust_pickle=mc.trust_pickle)
 
 
-def discover_variants(artifact, backends=DEFAULT_BACKENDS, threads: int | None = None
-                      ) -> tuple[list[BenchVariant], list[dict]]:
-    """The variants ``artifact`` can offer on ``backends``, and the ones skipped with their reason.
+def discover_variants(artifact, backends=None, threads: int | None = None) -> tuple[list[BenchVariant], list[dict]]:
+    """The variants ``artifact`` can offer on ``backends`` (None = ``default_backends()``), and the skipped ones.
+
+    CPU backends that take an nn.Module run the source checkpoint; CPU backends that read ONNX run the float
+    export and every INT8 model in the artifact (and bf16 where a registered variant and the CPU allow);
+    GPU backends run the deployed model. A backend that cannot run here is skipped with its reason.
 
     Example:
         >>> variants, skipped = discover_variants(Artifact.open("a.deploykit"), ["onnxruntime"])
@@ -174,9 +185,11 @@ def discover_variants(artifact, backends=DEFAULT_BACKENDS, threads: int | None =
         ['onnxruntime/fp32', 'onnxruntime/int8']
     """
     from .artifact import FLOAT_MODEL, Artifact
+    from .backends import BACKENDS
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    backends = parse_backends(list(backends))
+    names = parse_backends(list(default_backends() if backends is None else backends))
+    table = bench_backends()
     variants: list[BenchVariant] = []
     skipped: list[dict] = []
     fp32 = art.path / FLOAT_MODEL
@@ -185,66 +198,85 @@ def discover_variants(artifact, backends=DEFAULT_BACKENDS, threads: int | None =
     def skip(name: str, reason: str) -> None:
         skipped.append({"name": name, "reason": reason})
 
-    def onnx_variant(backend: str, precision: str, path: Path) -> BenchVariant:
-        return BenchVariant(f"{backend}/{precision}", backend, precision,
-                            lambda: _create(backend, path, threads, precision=precision), path.name, file_size_mb(path))
+    def runnable(b: BenchBackend, precision: str) -> bool:
+        why = b.unavailable()
+        if why:
+            skip(f"{b.name}/{precision}", why)
+        return not why
 
-    torch_model = None
-    if "torch" in backends or "torch-compile" in backends:
+    def file_variant(b: BenchBackend, precision: str, path: Path, label: str | None = None) -> BenchVariant:
+        return BenchVariant(f"{b.name}/{label or precision}", b.backend, precision,
+                            lambda: _create(b.backend, path, threads, precision=precision, **b.settings), path.name,
+                            file_size_mb(path))
+
+    cpu = [table[n] for n in names if table[n].device == "cpu"]
+    # CPU backends fed the source checkpoint as an nn.Module (torch; torch-compile as a mode of it)
+    on_module = [b for b in cpu if "module" in BACKENDS.get(b.backend).reads and runnable(b, "fp32")]
+    if on_module:
         ckpt = _source_checkpoint(art)
         if ckpt is None:
-            for name in ("torch", "torch-compile"):
-                if name in backends:
-                    skip(f"{name}/fp32", f"source checkpoint {art.manifest.get('source', {}).get('checkpoint')!r} "
-                                         "not found (the artifact stores ONNX only)")
+            for b in on_module:
+                skip(f"{b.name}/fp32", f"source checkpoint {art.manifest.get('source', {}).get('checkpoint')!r} "
+                                       "not found (the artifact stores ONNX only)")
         else:
             loaded = _load_torch_model(art, ckpt)
-            torch_model = loaded.model
+            module = loaded.model
             sha = art.manifest.get("source", {}).get("sha256")
             note = [] if not sha or sha == loaded.sha256 else [f"{ckpt} changed since the artifact was built"]
-            size = round(sum(t.numel() * t.element_size() for t in torch_model.state_dict().values()) / 2**20, 3)
-            if "torch" in backends:
-                variants.append(BenchVariant("torch/fp32", "torch", "fp32",
-                                             lambda: _create("torch", torch_model, threads), ckpt.name, size,
-                                             notes=list(note)))
-            if "torch-compile" in backends:
-                # same weights and (to float tolerance) same numerics as eager: evaluated once
-                variants.append(BenchVariant("torch-compile/fp32", "torch", "fp32",
-                                             lambda: _create("torch", _fresh_copy(torch_model), threads, compile=True),
-                                             ckpt.name, size, accuracy_from="torch/fp32" if "torch" in backends else None,
-                                             notes=list(note)))
+            size = round(sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20, 3)
+            plain = {b.backend for b in on_module if not b.settings}
+
+            def module_variant(b: BenchBackend) -> BenchVariant:
+                # a mode (torch.compile) gets its own copy; same weights and (to float tolerance) numerics as
+                # the plain backend, so it is evaluated once, under the plain backend's name
+                return BenchVariant(f"{b.name}/fp32", b.backend, "fp32",
+                                    lambda: _create(b.backend, _fresh_copy(module) if b.settings else module, threads,
+                                                    **b.settings),
+                                    ckpt.name, size, notes=list(note),
+                                    accuracy_from=f"{b.backend}/fp32" if b.settings and b.backend in plain else None)
+
+            # a backend's own name first: its modes reuse its accuracy
+            variants += [module_variant(b) for b in sorted(on_module, key=lambda b: bool(b.settings))]
     quantized = _quantized_models(art)
-    for backend in ("onnxruntime", "openvino"):
-        if backend not in backends:
+    bf16_variants = _bf16_variants()
+    # CPU backends that read ONNX files: the float export, every INT8 model they read, bf16 where offered
+    for b in cpu:
+        reads = BACKENDS.get(b.backend).reads
+        if ".onnx" not in reads or not runnable(b, "fp32"):
             continue
         if fp32.is_file():
-            variants.append(onnx_variant(backend, "fp32", fp32))
+            variants.append(file_variant(b, "fp32", fp32))
         else:
-            skip(f"{backend}/fp32", f"{FLOAT_MODEL} missing from the artifact")
-        mine = [(label, path) for label, path, runs_on in quantized if backend in runs_on]
-        # OpenVINO reads ONNX Runtime's QDQ graph directly and runs the quantized layers in INT8.
+            skip(f"{b.name}/fp32", f"{FLOAT_MODEL} missing from the artifact")
+        # a QDQ graph runs on every ONNX reader (OpenVINO runs ONNX Runtime's QDQ layers in INT8); an IR on OpenVINO
+        mine = [(label, path) for label, path in quantized if path.suffix in reads]
         for label, path in mine:
-            v = onnx_variant(backend, "int8", path)
-            v.name = f"{backend}/{label}"
-            variants.append(v)
+            variants.append(file_variant(b, "int8", path, label))
         if not mine:
-            skip(f"{backend}/int8", "the artifact holds no INT8 model; build one with `deploykit compress --int8`")
-        if backend == "onnxruntime":
-            skip("onnxruntime/bf16", "ONNX Runtime CPU has no bf16 Conv kernels (bf16 runs on OpenVINO)")
+            skip(f"{b.name}/int8", "the artifact holds no INT8 model; build one with `deploykit compress --int8`")
+        if b.backend not in bf16_variants:
+            where = ", ".join(sorted(bf16_variants)) or "no registered backend"
+            skip(f"{b.name}/bf16", f"no bf16 variant is registered for {b.backend} (bf16 runs on {where})")
         elif _has_cpu_flag("avx512_bf16", "amx_bf16"):
-            variants.append(onnx_variant("openvino", "bf16", fp32))
+            variants.append(file_variant(b, "bf16", fp32))
         else:
-            skip("openvino/bf16", "this CPU has neither AVX512-BF16 nor AMX-BF16")
+            skip(f"{b.name}/bf16", "this CPU has neither AVX512-BF16 nor AMX-BF16")
     deployed = (art.runtime.get("backend"), art.runtime.get("model"))
-    for v in variants:
-        v.deployed = (v.backend, v.model_file) == deployed
-    for name in GPU_BACKENDS:
-        if name in backends:
-            try:
-                variants.append(_gpu_variant(name, art))
-            except BenchError as err:
-                skip(f"{name}/{final_precision}", err.problem)
+    for v in variants:  # a backend's own name, not one of its modes (other settings than the deployed ones)
+        v.deployed = (v.backend, v.model_file) == deployed and v.name.split("/")[0] == v.backend
+    # GPU backends (and GPU modes of CPU backends, e.g. onnxruntime-cuda): the deployed model
+    for name in names:
+        b = table[name]
+        if b.device == "gpu" and runnable(b, final_precision):
+            variants.append(file_variant(b, final_precision, art.model_path()))
     return variants, skipped
+
+
+def _bf16_variants() -> set[str]:
+    """Backends with a registered bf16 runtime variant (``deploykit.variants``)."""
+    from .variants import RUNTIME_VARIANTS
+
+    return {v.backend for _, v in RUNTIME_VARIANTS.items() if v.precision == "bf16"}
 
 
 def _is_qdq(path: Path) -> bool:
@@ -254,11 +286,11 @@ def _is_qdq(path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
 
 
-def _quantized_models(art) -> list[tuple[str, Path, tuple[str, ...]]]:
-    """(label, path, backends that run it) for every INT8 model in the artifact, duplicates dropped.
+def _quantized_models(art) -> list[tuple[str, Path]]:
+    """(label, path) for every INT8 model in the artifact, duplicates dropped; backends pick them by suffix.
 
     model.onnx / model.int8.onnx: ONNX Runtime's QDQ graph ('int8'); model.<tool>.int8.onnx: another
-    quantizer's QDQ graph ('int8-<tool>'); *.xml: an OpenVINO IR (NNCF), OpenVINO only ('int8-ir').
+    quantizer's QDQ graph ('int8-<tool>'); *.xml: an OpenVINO IR (NNCF) ('int8-ir').
     """
     from .artifact import FLOAT_MODEL
 
@@ -272,10 +304,10 @@ def _quantized_models(art) -> list[tuple[str, Path, tuple[str, ...]]]:
             continue
         seen.add(digest)
         if p.suffix == ".xml":
-            out.append(("int8-ir", p, ("openvino",)))
+            out.append(("int8-ir", p))
         elif _is_qdq(p):
             tool = [part for part in p.name.split(".")[1:-1] if part != "int8"]  # model.nncf.int8.onnx -> nncf
-            out.append(("-".join(["int8", *tool]), p, ("onnxruntime", "openvino")))
+            out.append(("-".join(["int8", *tool]), p))
     return out
 
 
@@ -283,22 +315,6 @@ def _fresh_copy(model):
     import copy
 
     return copy.deepcopy(model)
-
-
-def final_variant(artifact, name: str | None = None, threads: int | None = None) -> BenchVariant:
-    """The artifact's deployed model on its recorded runtime (what `deploykit serve` would run).
-
-    Example:
-        >>> v = final_variant("int8.deploykit", name="int8")
-    """
-    from .artifact import Artifact
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    rt = art.runtime
-    path = art.model_path()
-    precision = rt.get("precision", "fp32")
-    return BenchVariant(name or f"{rt['backend']}/{precision}", rt["backend"], precision,
-                        lambda: art.backend(threads=threads), path.name, file_size_mb(path))
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
@@ -352,7 +368,7 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         eval_set: labelled ImageSet for accuracy; None = accuracy not measured (data-free).
         runs, warmup, budget_s: per batch size, passed to ``timing.measure_in_blocks`` (rounds = runs // 5).
     """
-    from .environment import machine, machine_line, versions
+    from .environment import load_average, machine, machine_line, versions
     from .evaluate import classification_metrics, predict
     from .timing import measure_in_blocks
 
@@ -436,7 +452,7 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "machine_line": machine_line(),
-        "load_average": _loadavg(),
+        "load_average": load_average(),
         "versions": versions(),
         "threads": threads[0] if len(threads) == 1 else threads,
         "settings": {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs, "budget_s_per_batch": budget_s,
@@ -473,19 +489,13 @@ def measure_cpu_interleaved(fns: dict[str, Callable], x: np.ndarray, runs: int =
             for k, v in samples.items()}
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def run_benchmark(artifact, backends=DEFAULT_BACKENDS, batch_sizes=(1, 8, 32), *, data: str | None = "auto",
+def run_benchmark(artifact, backends=None, batch_sizes=(1, 8, 32), *, data: str | None = "auto",
                   eval_images: int | None = 1000, threads: int | None = None, warmup: int = 5, runs: int = 50,
                   budget_s: float = 15.0, log: Callable[[str], None] = print) -> dict:
     """Benchmark every variant ``artifact`` offers on ``backends``; returns the bench.json dict.
 
     Args:
+        backends: bench names (``known_backends()``); None = ``default_backends()``.
         data: 'auto' = the data the artifact was evaluated on; a dataset name/path; None = no accuracy.
         eval_images: evaluation images per variant (None = whole split).
     """
@@ -597,295 +607,3 @@ def write_bench(result: dict, out: str | Path, plot: bool = True, metric: str = 
                              f"top-1 on {result['settings']['eval_images']} images",
                     group_key="group" if any(p["group"] for p in pts) else None)
     return paths
-
-
-# --- the gate's measurements -------------------------------------------------------------------------------------
-
-
-def synthetic_reference_model(path: Path) -> Path:
-    """Write the synthetic reference workload: a small seeded conv net (the same bytes on every machine)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.RandomState(1234)
-    w1 = numpy_helper.from_array((rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array((rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32), "w2")
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"]),
-             helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
-    graph = helper.make_graph(nodes, "deploykit_gate_reference",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 32, 32])], [w1, w2])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def _model_files(path: Path) -> list[Path]:
-    """A model file and the weights files it needs (ONNX external data, OpenVINO .bin)."""
-    extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin")]
-    return [path] + [p for p in extra if p.is_file() and p != path]
-
-
-def _gate_input(batch: int, input_size) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
-
-
-class ReferenceWorkload:
-    """The fixed workload each candidate call is timed against, round by round.
-
-    kind 'model' (default): the baseline's own deployed model, copied next to the baseline JSON and run on
-    the same runtime, settings and input as the candidate. Load from neighbours then hits both sides
-    alike, so the A/A ratio stays within ~1-2% even when the machine is busy; it cannot see a slowdown of
-    the runtime library itself (both sides run it), only of the model.
-    kind 'synthetic': a seeded conv net on ONNX Runtime, ``repeats`` calls per round. Needs no stored
-    model, and does see runtime regressions, but neighbours' load shifts its ratio by 10-20% here.
-    """
-
-    def __init__(self, spec: dict, batch: int, input_size, threads: int, base_dir: Path | None = None):
-        import tempfile
-
-        self.spec = spec
-        if spec["kind"] == "model":
-            path = Path(spec["path"]) if base_dir is None else Path(base_dir) / spec["path"]
-            self.backend = _create(spec["backend"], path, threads, precision=spec.get("precision", "fp32"),
-                                   **spec.get("settings", {}))
-            self.x, self.repeats = _gate_input(batch, input_size), 1
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.backend = _create("onnxruntime", synthetic_reference_model(Path(tmp) / "reference.onnx"), threads)
-            self.x = np.random.RandomState(0).standard_normal((1, 16, 32, 32)).astype(np.float32)
-            self.repeats = int(spec.get("repeats") or 1)
-
-    def __call__(self) -> None:
-        for _ in range(self.repeats):
-            self.backend.run(self.x)
-
-
-def model_reference(artifact, base_dir: Path | None = None) -> dict:
-    """Reference spec for the artifact's deployed model, copied under ``base_dir`` (or used in place if None)."""
-    import shutil
-
-    from .artifact import Artifact, sha256_file
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    rt = art.runtime
-    model = art.model_path()
-    spec = {"kind": "model", "backend": rt["backend"], "precision": rt.get("precision", "fp32"),
-            "settings": {k: v for k, v in rt.get("settings", {}).items() if k != "precision"},
-            "model": model.name, "sha256": sha256_file(model)}
-    if base_dir is None:
-        return {**spec, "path": str(model.absolute())}
-    base_dir.mkdir(parents=True, exist_ok=True)
-    for f in _model_files(model):
-        tmp = base_dir / f".{f.name}.tmp"
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, base_dir / f.name)
-    return {**spec, "path": f"{base_dir.name}/{model.name}"}
-
-
-# The gate's clocks. 'cpu': CPU time of this process (all its threads), which a neighbour preempting us
-# does not advance; on the loaded 2-core machine it shrank the bs32 A/A CI from -19%..+81% (wall) to
-# -0.1%..+2.9% in the same 2 s. 'wall': elapsed time; for sub-millisecond calls it was the better one
-# (bs1, 0.2 ms: median CI width 1.9% vs 4.2% for cpu, whose accounting is coarse at that scale).
-# 'auto' (default) picks wall below AUTO_CLOCK_MS per model call and cpu above (docs/benchmarks.md).
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-AUTO_CLOCK_MS = 2.0
-
-
-def with_planted_slowdown(fn: Callable[[], Any], fraction: float, clock: str = "cpu") -> Callable[[], Any]:
-    """``fn`` made ``fraction`` slower: after each call, spin for ``fraction`` x that call's own time.
-
-    The spin is measured on the gate's ``clock``, so the planted cost is exact in the unit the gate
-    measures and scales with load like the model does. Used by bench/gate_proof.py.
-    """
-    if fraction <= 0:
-        return fn
-    now = CLOCKS[clock]
-
-    def slowed():
-        t0 = now()
-        out = fn()
-        end = now() + fraction * (now() - t0)
-        while now() < end:
-            pass
-        return out
-
-    return slowed
-
-
-def measure_ratios(candidate: Callable[[], Any], reference: Callable[[], Any], seconds: float = 3.0,
-                   min_rounds: int = 30, max_rounds: int = 20000, warmup: int = 5, warmup_s: float = 0.3,
-                   clock: str = "cpu") -> dict:
-    """Alternate candidate and reference calls (ABBA order) for ``seconds`` (wall); per-round time ratios.
-
-    Each call is timed on ``clock`` ('cpu' = process CPU time, 'wall' = elapsed; see CLOCKS).
-
-    Warm-up runs at least ``warmup`` rounds and ``warmup_s`` seconds: the first fraction of a second after
-    creating a session ran measurably faster or slower than the rest (allocator, caches, clocks).
-
-    Returns:
-        {"ratios": [...], "candidate_ms": [...], "reference_ms": [...], "rounds": n, "seconds": s}
-    """
-    wall = time.perf_counter
-    t_warm, i = wall(), 0
-    while i < warmup or wall() - t_warm < warmup_s:
-        candidate()
-        reference()
-        i += 1
-    cand_ms, ref_ms = [], []
-    clock = CLOCKS[clock]
-    start = wall()
-    i = 0
-    while i < max_rounds and (i < min_rounds or wall() - start < seconds):
-        if i % 2 == 0:
-            t0 = clock(); candidate(); t1 = clock(); reference(); t2 = clock()  # noqa: E702
-            c, r = t1 - t0, t2 - t1
-        else:
-            t0 = clock(); reference(); t1 = clock(); candidate(); t2 = clock()  # noqa: E702
-            r, c = t1 - t0, t2 - t1
-        cand_ms.append(c * 1000.0)
-        ref_ms.append(r * 1000.0)
-        i += 1
-    return {"ratios": [c / r for c, r in zip(cand_ms, ref_ms)], "candidate_ms": cand_ms, "reference_ms": ref_ms,
-            "rounds": i, "seconds": round(wall() - start, 3)}
-
-
-def _median(xs: list[float]) -> float:
-    return float(np.median(xs)) if xs else float("nan")
-
-
-def measure_gate(artifact, batch: int, reference: dict, *, threads: int = 1, seconds: float = 3.0,
-                 base_dir: Path | None = None, slowdown: float = 0.0, min_rounds: int = 30, clock: str = "auto") -> dict:
-    """Per-round ratios of the artifact's deployed model vs the reference workload at one batch size.
-
-    Args:
-        reference: a spec from ``model_reference`` or ``{"kind": "synthetic", "repeats": None}`` (None = pick
-            repeats so the reference takes about as long as the model; stored, then reused by every comparison).
-        slowdown: plant an artificial slowdown (bench/gate_proof.py only).
-    Returns:
-        One baseline entry: key, batch, reference spec, ratios, rounds, medians.
-    """
-    from .artifact import Artifact
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    backend = art.backend(threads=threads)
-    x = _gate_input(batch, art.preprocessing.input_size)
-    fn = with_planted_slowdown(lambda: backend.run(x), slowdown, clock)
-    ref = ReferenceWorkload(reference, batch, art.preprocessing.input_size, threads, base_dir)
-    reference = dict(reference)
-    if clock == "auto":  # decided once, when a baseline is made; comparisons reuse the stored choice
-        probe = measure_ratios(fn, ref, seconds=0.2, min_rounds=5, warmup_s=0.1, clock="wall")
-        clock = "wall" if _median(probe["candidate_ms"]) < AUTO_CLOCK_MS else "cpu"
-    if reference["kind"] == "synthetic" and not reference.get("repeats"):
-        probe = measure_ratios(fn, ref, seconds=0.3, min_rounds=10, warmup_s=0.1, clock=clock)
-        ref.repeats = reference["repeats"] = max(1, int(round(_median(probe["ratios"]))))
-    m = measure_ratios(fn, ref, seconds=seconds, min_rounds=min_rounds, clock=clock)
-    rt = art.runtime
-    return {"key": f"{rt['backend']}/{rt.get('precision', 'fp32')}/bs{batch}", "batch": batch,
-            "backend": rt["backend"], "precision": rt.get("precision", "fp32"), "model": rt["model"],
-            "threads": threads, "clock": clock, "reference": reference,
-            "ratios": [round(r, 6) for r in m["ratios"]], "rounds": m["rounds"], "seconds": m["seconds"],
-            "median_ratio": round(_median(m["ratios"]), 6),
-            "candidate_ms_p50": round(_median(m["candidate_ms"]), 4),
-            "reference_ms_p50": round(_median(m["reference_ms"]), 4)}
-
-
-def make_baseline(artifact, path: str | Path, batch_sizes=(1,), *, threads: int = 1, seconds: float = 3.0,
-                  reference: str = "model", clock: str = "auto") -> dict:
-    """Measure a new gate baseline for the artifact's deployed model and write it (--update-baseline).
-
-    With reference 'model' the deployed model is copied to ``<baseline stem>.reference/`` beside the JSON.
-    """
-    from .artifact import Artifact, write_json
-    from .environment import machine, versions
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if reference == "model":
-        spec = model_reference(art, path.parent / f"{path.stem}.reference")
-    elif reference == "synthetic":
-        spec = {"kind": "synthetic", "repeats": None}
-    else:
-        raise BenchError(f"unknown gate reference {reference!r}", fix="use --gate-reference model or synthetic")
-    if clock not in (*CLOCKS, "auto"):
-        raise BenchError(f"unknown gate clock {clock!r}", fix="use --gate-clock auto, cpu or wall")
-    entries = [measure_gate(art, b, spec, threads=threads, seconds=seconds, base_dir=path.parent, clock=clock)
-               for b in parse_batches(list(batch_sizes))]
-    data = {"schema": BASELINE_SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "artifact": {"path": str(art.path), "model": art.runtime["model"],
-                         "sha256": art.manifest.get("files", {}).get(art.runtime["model"])},
-            "machine": machine(), "versions": versions(), "load_average": _loadavg(),
-            "settings": {"threads": threads, "seconds": seconds, "reference": reference, "clock": clock},
-            "entries": entries}
-    write_json(path, data)
-    return data
-
-
-def load_baseline(path: str | Path) -> dict:
-    """Read and check a baseline JSON written by ``make_baseline`` (and its reference model, if any)."""
-    import json
-
-    from .artifact import sha256_file
-    from .gate import GateError
-
-    path = Path(path)
-    fix = "re-create it with --update-baseline"
-    if not path.is_file():
-        raise GateError(f"baseline {path} not found", fix="create it with --baseline FILE --update-baseline")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise GateError(f"baseline {path} is not valid JSON ({err.msg})", fix=fix) from None
-    if data.get("schema") != BASELINE_SCHEMA or not data.get("entries"):
-        raise GateError(f"{path} is not a deploykit gate baseline (schema {data.get('schema')!r})", fix=fix)
-    for e in data["entries"]:
-        ref = e.get("reference", {})
-        if ref.get("kind") == "model":
-            model = path.parent / ref["path"]
-            if not model.is_file():
-                raise GateError(f"the baseline's reference model {model} is missing", fix=f"commit it, or {fix}")
-            if sha256_file(model) != ref.get("sha256"):
-                raise GateError(f"the baseline's reference model {model} changed since the baseline was made", fix=fix)
-    return data
-
-
-def run_gate(artifact, baseline: dict, max_slowdown: float, *, base_dir: str | Path = ".",
-             seconds: float | None = None, slowdown: float = 0.0, log: Callable[[str], None] = print) -> dict:
-    """Measure the artifact against every baseline entry and decide; returns the gate-result dict.
-
-    Args:
-        base_dir: the directory of the baseline JSON (its reference model paths are relative to it).
-        slowdown: plants an artificial slowdown (bench/gate_proof.py only).
-    """
-    from .artifact import Artifact
-    from .environment import machine
-    from .gate import combine, decide
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-    warnings = []
-    here, there = machine(), baseline.get("machine", {})
-    if there and (here.get("cpu"), here.get("cpu_flags")) != (there.get("cpu"), there.get("cpu_flags")):
-        warnings.append(f"baseline measured on '{there.get('cpu')}' {there.get('cpu_flags')}, this is '{here.get('cpu')}'"
-                        f" {here.get('cpu_flags')}: re-create the baseline on the CI machine type")
-    seconds = seconds if seconds is not None else float(baseline.get("settings", {}).get("seconds", 3.0))
-    decisions, measured = [], []
-    for entry in baseline["entries"]:
-        m = measure_gate(art, int(entry["batch"]), entry["reference"], threads=int(entry.get("threads", 1)),
-                         seconds=seconds, base_dir=Path(base_dir), slowdown=slowdown, clock=entry.get("clock", "wall"))
-        if m["key"] != entry["key"]:
-            warnings.append(f"baseline entry {entry['key']} compared with {m['key']} (the deployed runtime changed)")
-        d = decide(m["ratios"], entry["ratios"], max_slowdown, key=entry["key"])
-        decisions.append(d)
-        measured.append({k: v for k, v in m.items() if k != "ratios"})
-        log(d.summary())
-    for w in warnings:
-        log(f"warning: {w}")
-    code = combine(decisions)
-    return {"schema": GATE_SCHEMA, "exit_code": code, "verdict": {0: "pass", 1: "regression", 2: "undecided"}[code],
-            "max_slowdown": max_slowdown, "decisions": [d.to_dict() for d in decisions], "measured": measured,
-            "warnings": warnings, "load_average": _loadavg(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

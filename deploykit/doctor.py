@@ -2,6 +2,8 @@
 
 Every check imports its library inside a try block and reports what actually happened here (an
 installed-but-broken package is reported as broken, with the error), never what "should" be there.
+A runtime's checks live in its backend module (``Backend.doctor_checks``, read from ``BACKENDS``); the
+ones here are about the machine and the non-runtime tools (modelopt, BentoML).
 
 Example:
     >>> for c in run_checks(): print(c.name, c.ok, c.version, c.detail)
@@ -9,10 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata as md
-import io
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -28,7 +29,8 @@ class Check:
     extra: dict = field(default_factory=dict)
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None."""
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
@@ -53,83 +55,10 @@ def check_cpu() -> Check:
                  extra={"flags": flags, "physical_cores": m["physical_cores"]})
 
 
-def check_onnxruntime() -> Check:
-    cpu, gpu = _version("onnxruntime"), _version("onnxruntime-gpu")
-    try:
-        import onnxruntime as ort
-    except Exception as err:
-        return Check("onnxruntime", False, cpu or gpu, why=f"does not import ({err})",
-                     fix="pip install onnxruntime (CPU) or onnxruntime-gpu (NVIDIA), never both")
-    providers = list(ort.get_available_providers())
-    detail = f"providers: {', '.join(providers)}"
-    if cpu and gpu:
-        return Check("onnxruntime", False, ort.__version__, detail,
-                     why=f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed: they overwrite each "
-                         "other's files in the same `onnxruntime` module",
-                     fix="pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one of them",
-                     extra={"providers": providers})
-    return Check("onnxruntime", True, ort.__version__, detail + f" (package {'onnxruntime-gpu' if gpu else 'onnxruntime'})",
-                 extra={"providers": providers})
-
-
-def check_onnxruntime_gpu() -> Check:
-    try:
-        import onnxruntime as ort
-
-        providers = list(ort.get_available_providers())
-    except Exception:
-        providers = []
-    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in providers]
-    if gpu:
-        return Check("onnxruntime GPU providers", True, _version("onnxruntime-gpu"), ", ".join(gpu) +
-                     " offered (they still need a CUDA driver and GPU at session creation)")
-    return Check("onnxruntime GPU providers", False, None,
-                 why="the installed onnxruntime package is the CPU build: no CUDA/TensorRT execution providers",
-                 fix="in a separate environment: pip install onnxruntime-gpu (it replaces onnxruntime; "
-                     "the `gpu` extra of deploykit)")
-
-
-def check_cuda() -> Check:
-    from .stages.build_engine import gpu_environment
-
-    env = gpu_environment()
-    torch_cuda, torch_avail = None, False
-    try:
-        import torch
-
-        torch_cuda, torch_avail = torch.version.cuda, bool(torch.cuda.is_available())
-    except Exception:
-        pass
-    extra = {**env, "torch_cuda_build": torch_cuda, "torch_cuda_available": torch_avail}
-    if env["gpu"]:
-        return Check("cuda", True, env["driver"], f"GPU {env['gpu']} (compute capability {env['compute_capability']}), "
-                     f"driver {env['driver']}; torch CUDA build {torch_cuda}, torch sees GPU: {torch_avail}", extra=extra)
-    return Check("cuda", False, None, f"torch CUDA build {torch_cuda}, torch sees GPU: {torch_avail}",
-                 why=f"no NVIDIA GPU/driver visible ({env['gpu_error']})",
-                 fix="run on a machine with an NVIDIA GPU and its driver (nvidia-smi must work)", extra=extra)
-
-
-def check_tensorrt() -> Check:
-    from .stages.build_engine import TRT_INSTALL_FIX, tensorrt_status
-
-    version, why = tensorrt_status()
-    if version:
-        return Check("tensorrt", True, version, "deploykit build-engine and the `tensorrt` backend can run")
-    return Check("tensorrt", False, None, why=why, fix=TRT_INSTALL_FIX)
-
-
-def check_torch_tensorrt() -> Check:
-    v = _version("torch-tensorrt") or _version("torch_tensorrt")
-    if v:
-        return Check("torch-tensorrt", True, v, "optional PyTorch-side compile path")
-    return Check("torch-tensorrt", False, None, why="not installed (optional; needs TensorRT and a CUDA torch)",
-                 fix="pip install torch-tensorrt matching your torch version, on a machine with TensorRT")
-
-
 def check_modelopt() -> Check:
     from .stages.quantize_tensorrt import modelopt_available
 
-    v = _version("nvidia-modelopt")
+    v = installed_version("nvidia-modelopt")
     if v is None:
         return Check("nvidia-modelopt", False, None,
                      why="not installed: the int8-tensorrt recipe falls back to ONNX Runtime symmetric QDQ",
@@ -141,34 +70,31 @@ def check_modelopt() -> Check:
     return Check("nvidia-modelopt", False, v, why=reason, fix="install the missing module named above")
 
 
-def check_openvino() -> Check:
-    v = _version("openvino")
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            import openvino as ov
-
-            devices = ov.Core().available_devices
-    except Exception as err:
-        return Check("openvino", False, v, why=f"{'not installed' if v is None else f'does not work ({err})'}",
-                     fix="pip install openvino nncf (the `openvino` extra)")
-    return Check("openvino", True, v, f"devices: {', '.join(devices)}", extra={"devices": devices})
-
-
 def check_bentoml() -> Check:
-    v = _version("bentoml")
+    v = installed_version("bentoml")
     if v:
         return Check("bentoml", True, v, "deploykit serve can run (set BENTOML_DO_NOT_TRACK=True offline)")
     return Check("bentoml", False, None, why="not installed", fix="pip install bentoml (the `serve` extra)")
 
 
-CHECKS = (check_cpu, check_onnxruntime, check_onnxruntime_gpu, check_cuda, check_tensorrt, check_torch_tensorrt,
-          check_modelopt, check_openvino, check_bentoml)
+def checks() -> tuple[Callable[[], Check], ...]:
+    """The CPU check, every registered backend's own checks (``Backend.doctor_checks``), then modelopt and BentoML."""
+    from .backends import BACKENDS
+
+    runtimes = tuple(fn for _, backend in BACKENDS.items() for fn in backend.doctor_checks())
+    return (check_cpu, *runtimes, check_modelopt, check_bentoml)
+
+
+def __getattr__(name: str):
+    if name == "CHECKS":  # read from the registry on each access: a backend registered later is included
+        return checks()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_checks() -> list[Check]:
     """Run every check; a check that crashes is reported as a failed check, not raised."""
     out = []
-    for fn in CHECKS:
+    for fn in checks():
         try:
             out.append(fn())
         except Exception as err:  # a doctor must not die of the disease it diagnoses
@@ -177,5 +103,5 @@ def run_checks() -> list[Check]:
     return out
 
 
-def as_dict(checks: list[Check]) -> list[dict]:
-    return [asdict(c) for c in checks]
+def as_dict(results: list[Check]) -> list[dict]:
+    return [asdict(c) for c in results]

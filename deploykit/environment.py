@@ -11,15 +11,32 @@ import os
 import platform
 from functools import lru_cache
 
-PACKAGES = ("deploykit", "torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
-            "torch-pruning", "nvidia-modelopt", "tensorrt", "bentoml", "numpy")
+# Packages that decide results whatever the runtime; each backend adds its own (``Backend.packages``).
+GENERAL_PACKAGES = ("deploykit", "torch", "timm", "onnx", "nncf", "torch-pruning", "nvidia-modelopt", "bentoml",
+                    "numpy")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def packages() -> tuple[str, ...]:
+    """GENERAL_PACKAGES, then every registered backend's packages (each once, in registry order)."""
+    from .backends import BACKENDS
+
+    names = dict.fromkeys(GENERAL_PACKAGES)
+    for _, backend in BACKENDS.items():
+        names.update(dict.fromkeys(backend.packages))
+    return tuple(names)
+
+
+def __getattr__(name: str):
+    if name == "PACKAGES":  # read from the registry on access (the backend modules load on first lookup)
+        return packages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def versions() -> dict[str, str]:
     """Installed versions of the packages that decide results (absent ones omitted)."""
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages():
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -46,6 +63,14 @@ def machine() -> dict:
 
     return {"cpu": cpu, "arch": platform.machine(), "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
             "cpu_flags": [f for f in CPU_FLAGS if f in flags], "os": platform.platform(terse=True)}
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (recorded next to timings: a busy machine explains noisy numbers)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_line() -> str:

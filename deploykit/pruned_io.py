@@ -131,14 +131,3 @@ def load_pruned(path: str | Path, builder: Callable[..., Any] | None = None):
     apply_shapes(model, payload["shapes"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()
-
-
-def is_pruned_file(path: str | Path) -> bool:
-    """True when ``path`` is a save_pruned file (cheap check for checkpoint loaders)."""
-    import torch
-
-    try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT

@@ -46,10 +46,6 @@ def _once(fn: Callable, x) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def measure(fn: Callable, x: np.ndarray, warmup: int = 5, runs: int = 30) -> LatencyStats:
-    return measure_interleaved({"_": fn}, x, warmup, runs)["_"]
-
-
 def measure_interleaved(fns: dict[str, Callable], x: np.ndarray, warmup: int = 5, runs: int = 30,
                         time_budget_s: float | None = None) -> dict[str, LatencyStats]:
     """Time several variants on the same input, alternating them run by run.

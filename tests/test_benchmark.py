@@ -3,22 +3,31 @@
 Everything runs for real: torch, ONNX Runtime and OpenVINO on real Fashion-MNIST test images, the
 `deploykit` command as a subprocess. Timings are only checked for consistency (p50 <= p90 <= p99,
 throughput = batch / p50), never against absolute values: this machine is shared.
+
+Numerics are compared without near-tie checks: the tiny model has random weights, so many of its top-2
+logits are close, and float/INT8 kernels differ between AVX2, AVX-512 VNNI and AMX. Float variants are held
+to a max-abs-error bound and to *margin-aware* agreement (only inputs whose reference top-2 gap exceeds twice
+the measured error can be counted: there no rounding can flip the prediction); INT8 variants to SQNR bounds.
 """
 
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from deploykit import compress  # noqa: E402
-from deploykit.benchmark import (BASELINE_SCHEMA, BENCH_SCHEMA, BenchError, discover_variants,  # noqa: E402
-                                 make_baseline, parse_backends, parse_batches, run_benchmark, write_bench)
+from deploykit.benchmark import (BENCH_SCHEMA, BenchError, bench_backends, default_backends,  # noqa: E402
+                                 discover_variants, eval_data, known_backends, parse_backends, parse_batches,
+                                 run_benchmark, write_bench)
+from deploykit.evaluate import fidelity, predict  # noqa: E402
+from deploykit.gate import BASELINE_SCHEMA, GateError, load_baseline, make_baseline, with_planted_slowdown  # noqa: E402
 from deploykit.plots import pareto_front  # noqa: E402
 
 RECIPE = """
@@ -54,6 +63,27 @@ def result(artifact):
                          warmup=1, budget_s=1.0, threads=1, log=lambda s: None)
 
 
+@pytest.fixture(scope="module")
+def logits(artifact):
+    """Logits of the bench's own CPU variants on its 200 evaluation images (same threads and batches as `result`)."""
+    from deploykit.artifact import Artifact
+
+    eval_set, pre = eval_data(Artifact.open(artifact), "auto", 200)
+    variants, _ = discover_variants(artifact, ["torch", "onnxruntime", "openvino"], threads=1)
+    out = {}
+    for v in variants:
+        try:
+            out[v.name] = predict(v.make(), eval_set, pre, 64)
+        except RuntimeError:  # e.g. openvino/bf16 where oneDNN is capped below the CPU's BF16 ISA
+            pass
+    return out
+
+
+def _top2_gap(logits):
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def test_bench_json_schema(result, tmp_path):
     paths = write_bench(result, tmp_path)
     data = json.loads(paths["json"].read_text())
@@ -74,21 +104,45 @@ def test_bench_json_schema(result, tmp_path):
             assert lat["runs"] >= 3
             assert 0 < v["cpu_ms"][f"bs{bs}"]["p50"] <= v["cpu_ms"][f"bs{bs}"]["p90"]
             assert v["throughput_ips"][f"bs{bs}"] == pytest.approx(bs / lat["p50"] * 1000, rel=0.01, abs=0.06)
-        assert 0 <= v["accuracy"]["top1"] <= 100 and v["accuracy"]["images"] == 200
+        acc = v["accuracy"]
+        assert acc["images"] == 200 and acc["top1"] <= acc["top5"]
+        assert acc["top1"] * 2 == pytest.approx(round(acc["top1"] * 2), abs=1e-6)  # a count of the 200 images
     assert [v["name"] for v in data["variants"] if v["deployed"]] == ["onnxruntime/int8"]  # manifest's runtime
     skipped = {s["name"]: s["reason"] for s in data["skipped"]}
-    assert "no bf16 Conv kernels" in skipped["onnxruntime/bf16"]
+    # onnxruntime registers no bf16 runtime variant (deploykit.variants): the bench says so, and where bf16 runs
+    assert "no bf16 variant is registered for onnxruntime (bf16 runs on openvino)" in skipped["onnxruntime/bf16"]
 
 
-def test_variants_agree_on_accuracy(result):
+@pytest.mark.parametrize("name", ["torch/fp32", "openvino/fp32"])
+def test_float_variants_agree_where_the_margin_allows(result, logits, name):
+    ref, got = logits["onnxruntime/fp32"], logits[name]
+    # The same float weights (BN folded for ONNX) computed in f32 everywhere (OpenVINO's precision hint is forced
+    # to f32): only summation order and kernel blocking differ between runtimes and ISAs. Measured: 1e-7 of a
+    # 0.25 logit scale (~4e-7 relative) on AVX2 and on AMX; 1e-4 relative leaves 250x, and a wrong fold or
+    # kernel is off by >1e-2.
+    err = float(np.abs(ref - got).max())
+    assert err <= 1e-4 * float(np.abs(ref).max()), err
+    # Where the top-2 gap exceeds 2x the max error no rounding can flip the prediction, so the bench's accuracies
+    # may differ only by the share of the other inputs (measured: none of them: the smallest gap is 2e-5).
+    decided = _top2_gap(ref) > 2 * err
+    assert decided.mean() >= 0.9, decided.mean()
     acc = {v["name"]: v["accuracy"]["top1"] for v in result["variants"]}
-    # same float weights on three runtimes (BN fused for ONNX): identical predictions up to rounding ties
-    assert abs(acc["torch/fp32"] - acc["onnxruntime/fp32"]) <= 0.5
-    assert abs(acc["onnxruntime/fp32"] - acc["openvino/fp32"]) <= 0.5
-    # the same QDQ graph on ONNX Runtime and OpenVINO: INT8 kernels differ in rounding, not in the model
-    assert abs(acc["onnxruntime/int8"] - acc["openvino/int8"]) <= 2.0
+    assert abs(acc[name] - acc["onnxruntime/fp32"]) <= 100 * (1 - decided.mean()) + 1e-9
+
+
+def test_int8_variants_stay_within_quantization_noise(result, logits):
+    # SQNR bounds, not agreement: INT8 logits of a random-weight net differ by ~half the typical top-2 gap, so
+    # their argmax legitimately differs on a few % of inputs (measured 96% ORT vs OpenVINO on AVX2 and on AMX).
+    # The same QDQ graph on ONNX Runtime and OpenVINO: requantization rounding and fusion differ, the model
+    # does not. Measured 39.6 dB; 25 dB leaves room for non-VNNI u8s8 saturation, a wrong scale or a
+    # dropped zero point gives < 10 dB.
+    assert fidelity(logits["onnxruntime/int8"], logits["openvino/int8"])["sqnr_db"] > 25
+    # INT8 (per-channel weights, per-tensor activations) against its own float model: measured 36.3 dB (ORT)
+    # and 36.2 dB (OpenVINO); 20 dB is the quantization-noise floor a working PTQ stays above.
+    for name in ("onnxruntime/int8", "openvino/int8"):
+        assert fidelity(logits["onnxruntime/fp32"], logits[name])["sqnr_db"] > 20, name
     sizes = {v["name"]: v["size_mb"] for v in result["variants"]}
-    assert sizes["onnxruntime/int8"] < 0.6 * sizes["onnxruntime/fp32"]
+    assert sizes["onnxruntime/int8"] < 0.6 * sizes["onnxruntime/fp32"]  # INT8 weights: a quarter of the bytes
 
 
 def test_markdown_and_pareto_png(result, tmp_path):
@@ -122,16 +176,66 @@ def test_missing_checkpoint_skips_torch_with_reason(artifact, tmp_path):
     assert any(s["name"] == "torch/fp32" and "gone.pth" in s["reason"] and "not found" in s["reason"] for s in skipped)
 
 
-def test_gpu_backends_skip_with_reason_here(artifact):
-    if os.path.exists("/dev/nvidia0"):
-        pytest.skip("a GPU is present")
-    _, skipped = discover_variants(artifact, ["tensorrt", "onnxruntime-cuda"])  # GPU hook: mocked by absence only
-    assert {s["name"].split("/")[0] for s in skipped} == {"tensorrt", "onnxruntime-cuda"}
-    assert all("no NVIDIA GPU" in s["reason"] for s in skipped)
+def test_gpu_backends_skip_with_their_reason_here(artifact):
+    table = bench_backends()
+    gpu = [name for name, b in table.items() if b.device == "gpu"]
+    assert {"tensorrt", "onnxruntime-cuda"} <= set(gpu)
+    reasons = {name: table[name].unavailable() for name in gpu}
+    if not any(reasons.values()):
+        pytest.skip("every GPU backend can run here")
+    variants, skipped = discover_variants(artifact, gpu)  # nothing is loaded: variants are made lazily
+    assert {s["name"]: s["reason"] for s in skipped} == {f"{n}/int8": why for n, why in reasons.items() if why}
+    assert {v.name for v in variants} == {f"{n}/int8" for n, why in reasons.items() if not why}
+
+
+def test_bench_doctor_and_environment_read_the_backend_registry(artifact):
+    """A backend registered anywhere is benchmarked, diagnosed and versioned with no list edited elsewhere."""
+    from deploykit import doctor
+    from deploykit.backends import BACKENDS, Backend
+    from deploykit.environment import packages
+
+    def check_dummy():
+        return doctor.Check("dummy-runtime", True, "1.0", "registered by a test")
+
+    class DummyBackend(Backend):
+        name = "dummy"
+        packages = ("dummy-runtime-dist",)
+        reads = (".onnx",)
+        bench_modes = {"dummy-gpu": {"device": "gpu"}}
+
+        @classmethod
+        def unavailable(cls, **settings):
+            return f"the dummy runtime never runs (settings {settings})"
+
+        @classmethod
+        def doctor_checks(cls):
+            return (check_dummy,)
+
+        def run(self, x):
+            raise AssertionError("never loaded")
+
+    BACKENDS.names()  # load the real backends first
+    BACKENDS.register("dummy")(DummyBackend)
+    try:
+        assert "dummy" in default_backends() and "dummy" in known_backends()
+        assert "dummy-gpu" in known_backends() and "dummy-gpu" not in default_backends()  # modes are opt-in
+        assert bench_backends()["dummy-gpu"].device == "gpu"
+        assert parse_backends("dummy,dummy-gpu") == ["dummy", "dummy-gpu"]
+        assert doctor.checks()[-3] is check_dummy and check_dummy in doctor.CHECKS  # after the real runtimes
+        assert "dummy-runtime-dist" in packages()
+        variants, skipped = discover_variants(artifact, ["onnxruntime", "dummy", "dummy-gpu"])
+        assert {v.backend for v in variants} == {"onnxruntime"}
+        reasons = {s["name"]: s["reason"] for s in skipped}
+        assert reasons["dummy/fp32"] == "the dummy runtime never runs (settings {})"
+        assert reasons["dummy-gpu/int8"] == "the dummy runtime never runs (settings {'device': 'gpu'})"
+    finally:
+        BACKENDS._items.pop("dummy", None)
+    assert "dummy" not in known_backends() and check_dummy not in doctor.checks()
 
 
 def test_bad_arguments_are_user_errors():
-    with pytest.raises(BenchError, match=r"unknown backend tensorflow\. Fix: choose from torch, "):
+    with pytest.raises(BenchError, match=r"unknown backend tensorflow\. Fix: choose from "
+                                         + re.escape(", ".join(known_backends()))):
         parse_backends("torch,tensorflow")
     with pytest.raises(BenchError, match=r"--batch '1,x' is not a comma-separated list of integers\. Fix: "):
         parse_batches("1,x")
@@ -201,8 +305,6 @@ def test_cli_gate_bad_baseline_is_exit_2(artifact, tmp_path):
 def test_planted_slowdown_spins_for_the_given_fraction():
     import time
 
-    from deploykit.benchmark import with_planted_slowdown
-
     def work():
         t = time.process_time() + 0.002
         while time.process_time() < t:
@@ -218,9 +320,6 @@ def test_planted_slowdown_spins_for_the_given_fraction():
 
 
 def test_gate_refuses_a_changed_reference_model(artifact, tmp_path):
-    from deploykit.benchmark import load_baseline
-    from deploykit.gate import GateError
-
     data = make_baseline(artifact, tmp_path / "b.json", [1], seconds=0.2)
     assert json.loads((tmp_path / "b.json").read_text())["entries"][0]["rounds"] == data["entries"][0]["rounds"]
     model = tmp_path / data["entries"][0]["reference"]["path"]

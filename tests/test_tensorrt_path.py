@@ -21,9 +21,9 @@ onnx = pytest.importorskip("onnx")
 from deploykit.backends import create_backend  # noqa: E402
 from deploykit.evaluate import fidelity  # noqa: E402
 from deploykit.onnx_checks import QdqCheckError, check_qdq_placement  # noqa: E402
-from deploykit.stages.build_engine import (EngineMismatchError, TensorRTUnavailable, build_engine,  # noqa: E402
-                                           check_engine_compatible, ensure_engine, gpu_environment,
-                                           tensorrt_status)
+from deploykit.backends.tensorrt_engine import (EngineMismatchError, TensorRTUnavailable,  # noqa: E402
+                                                build_engine, check_engine_compatible, ensure_engine,
+                                                gpu_environment, tensorrt_status)
 from deploykit.stages.export_onnx import export_onnx  # noqa: E402
 from deploykit.stages.fuse_bn import fuse_conv_bn  # noqa: E402
 from deploykit.stages.quantize_tensorrt import modelopt_available, quantize_for_tensorrt  # noqa: E402

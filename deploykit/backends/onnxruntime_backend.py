@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..doctor import Check, installed_version
 from ..variants import REFERENCE, RuntimeVariant, register_variant
 from .base import BACKENDS, Backend, physical_cores
 
@@ -38,6 +41,41 @@ def select_providers(device: str, have: list[str]) -> tuple[list[str], str]:
     return [*gpu, "CPUExecutionProvider"], why
 
 
+def check_onnxruntime() -> Check:
+    cpu, gpu = installed_version("onnxruntime"), installed_version("onnxruntime-gpu")
+    try:
+        import onnxruntime as ort
+    except Exception as err:
+        return Check("onnxruntime", False, cpu or gpu, why=f"does not import ({err})",
+                     fix="pip install onnxruntime (CPU) or onnxruntime-gpu (NVIDIA), never both")
+    providers = list(ort.get_available_providers())
+    detail = f"providers: {', '.join(providers)}"
+    if cpu and gpu:
+        return Check("onnxruntime", False, ort.__version__, detail,
+                     why=f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed: they overwrite each "
+                         "other's files in the same `onnxruntime` module",
+                     fix="pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one of them",
+                     extra={"providers": providers})
+    return Check("onnxruntime", True, ort.__version__, detail + f" (package {'onnxruntime-gpu' if gpu else 'onnxruntime'})",
+                 extra={"providers": providers})
+
+
+def check_onnxruntime_gpu() -> Check:
+    try:
+        providers = available_providers()
+    except Exception:
+        providers = []
+    gpu = [p for p in GPU_PROVIDERS if p in providers]
+    if gpu:
+        return Check("onnxruntime GPU providers", True, installed_version("onnxruntime-gpu"), ", ".join(gpu) +
+                     " offered (they still need a CUDA driver and GPU at session creation)")
+    return Check("onnxruntime GPU providers", False, None,
+                 why="the installed onnxruntime package is the CPU build: no CUDA/TensorRT execution providers",
+                 fix="in a separate environment: pip install onnxruntime-gpu (it replaces onnxruntime; "
+                     "the `gpu` extra of deploykit)")
+
+
+# No bf16 variant: ONNX Runtime CPU has no bf16 Conv kernels (bf16 runs on OpenVINO).
 register_variant(RuntimeVariant(REFERENCE, "onnxruntime", "fp32-onnx", "fp32"))
 register_variant(RuntimeVariant("onnxruntime-int8", "onnxruntime", "int8-qdq", "int8", counterpart=REFERENCE))
 register_variant(RuntimeVariant("onnxruntime-qat", "onnxruntime", "qat-qdq", "int8", counterpart=REFERENCE,
@@ -47,6 +85,28 @@ register_variant(RuntimeVariant("onnxruntime-qat", "onnxruntime", "qat-qdq", "in
 @BACKENDS.register("onnxruntime")
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    packages = ("onnxruntime", "onnxruntime-gpu")
+    reads = (".onnx",)
+    bench_modes = {"onnxruntime-cuda": {"device": "gpu"}}  # GPU execution providers (onnxruntime-gpu)
+
+    @classmethod
+    def unavailable(cls, **settings: Any) -> str | None:
+        try:
+            if importlib.util.find_spec("onnxruntime") is None:
+                return "onnxruntime is not installed (pip install onnxruntime)"
+            if settings.get("device", "cpu") == "cpu":
+                return None
+            if not os.path.exists("/dev/nvidia0"):
+                return "no NVIDIA GPU on this machine (/dev/nvidia0 is missing)"
+            if "CUDAExecutionProvider" not in available_providers():
+                return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)"
+            return None
+        except Exception as err:  # never raises: a broken install is a reason, not a crash
+            return f"onnxruntime does not load: {type(err).__name__}: {err}"
+
+    @classmethod
+    def doctor_checks(cls):
+        return (check_onnxruntime, check_onnxruntime_gpu)
 
     def __init__(self, model: str | Path, threads: int | None = None, precision: str = "fp32",
                  providers: list[str] | None = None, device: str = "cpu"):

@@ -14,12 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..doctor import Check, installed_version
 from ..errors import ArtifactError
 from ..variants import REFERENCE, RuntimeVariant, register_variant
 from .base import BACKENDS, Backend, physical_cores
@@ -60,6 +64,19 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
+def check_openvino() -> Check:
+    v = installed_version("openvino")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import openvino as ov
+
+            devices = ov.Core().available_devices
+    except Exception as err:
+        return Check("openvino", False, v, why=f"{'not installed' if v is None else f'does not work ({err})'}",
+                     fix="pip install openvino nncf (the `openvino` extra)")
+    return Check("openvino", True, v, f"devices: {', '.join(devices)}", extra={"devices": devices})
+
+
 # LATENCY: one request on all threads, the way a batch-1 service and select_runtime's timing run it.
 _OV = {"hint": "LATENCY"}
 register_variant(RuntimeVariant("openvino-fp32", "openvino", "fp32-onnx", "fp32", counterpart=REFERENCE,
@@ -89,6 +106,20 @@ class OpenVinoBackend(Backend):
     """
 
     name = "openvino"
+    packages = ("openvino",)
+    reads = (".onnx", ".xml")  # ONNX (QDQ graphs included) or an OpenVINO IR
+
+    @classmethod
+    def unavailable(cls, **settings: Any) -> str | None:
+        try:
+            found = importlib.util.find_spec("openvino") is not None
+        except Exception as err:  # never raises
+            return f"openvino cannot be looked up: {type(err).__name__}: {err}"
+        return None if found else "OpenVINO is not installed (pip install openvino nncf: the `openvino` extra)"
+
+    @classmethod
+    def doctor_checks(cls):
+        return (check_openvino,)
 
     def __init__(self, model: str | Path, threads: int | None = None, precision: str = "fp32",
                  hint: str = "LATENCY", device: str = "CPU", num_streams: int | None = None):

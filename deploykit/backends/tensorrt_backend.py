@@ -8,6 +8,9 @@ pycuda/cuda-python is needed; ``execute_async_v3`` runs on torch's current strea
 Status: written to the TensorRT 10 Python API documentation and NEVER executed (no GPU, no TensorRT here;
 see docs/gpu.md). The engine.json checks it calls first were executed and tested.
 
+Engine building, ``engine.json`` and the GPU environment are in ``tensorrt_engine`` beside this module; the
+``deploykit doctor`` lines for the GPU stack (cuda, tensorrt, torch-tensorrt) are here.
+
 Example:
     >>> be = create_backend("tensorrt", "a.deploykit/model.onnx")   # uses a.deploykit/model.engine
     >>> be.run(np.zeros((4, 1, 28, 28), np.float32)).shape
@@ -21,18 +24,69 @@ from typing import Any
 
 import numpy as np
 
+from ..doctor import Check, installed_version
 from ..errors import DeployKitError
 from .base import BACKENDS, Backend
+from .tensorrt_engine import ENGINE_FILE, TRT_INSTALL_FIX, ensure_engine, gpu_environment, tensorrt_status
+
+
+def check_cuda() -> Check:
+    env = gpu_environment()
+    torch_cuda, torch_avail = None, False
+    try:
+        import torch
+
+        torch_cuda, torch_avail = torch.version.cuda, bool(torch.cuda.is_available())
+    except Exception:
+        pass
+    extra = {**env, "torch_cuda_build": torch_cuda, "torch_cuda_available": torch_avail}
+    if env["gpu"]:
+        return Check("cuda", True, env["driver"], f"GPU {env['gpu']} (compute capability {env['compute_capability']}), "
+                     f"driver {env['driver']}; torch CUDA build {torch_cuda}, torch sees GPU: {torch_avail}", extra=extra)
+    return Check("cuda", False, None, f"torch CUDA build {torch_cuda}, torch sees GPU: {torch_avail}",
+                 why=f"no NVIDIA GPU/driver visible ({env['gpu_error']})",
+                 fix="run on a machine with an NVIDIA GPU and its driver (nvidia-smi must work)", extra=extra)
+
+
+def check_tensorrt() -> Check:
+    version, why = tensorrt_status()
+    if version:
+        return Check("tensorrt", True, version, "deploykit build-engine and the `tensorrt` backend can run")
+    return Check("tensorrt", False, None, why=why, fix=TRT_INSTALL_FIX)
+
+
+def check_torch_tensorrt() -> Check:
+    v = installed_version("torch-tensorrt") or installed_version("torch_tensorrt")
+    if v:
+        return Check("torch-tensorrt", True, v, "optional PyTorch-side compile path")
+    return Check("torch-tensorrt", False, None, why="not installed (optional; needs TensorRT and a CUDA torch)",
+                 fix="pip install torch-tensorrt matching your torch version, on a machine with TensorRT")
 
 
 @BACKENDS.register("tensorrt")
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    device = "gpu"
+    packages = ("tensorrt",)
+    reads = (".onnx", ".engine", ".plan")  # an ONNX means the engine built beside it (ENGINE_FILE)
+
+    @classmethod
+    def unavailable(cls, **settings: Any) -> str | None:
+        try:
+            version, why = tensorrt_status()
+            if version is None:
+                return why
+            env = gpu_environment()
+            return None if env["gpu"] else f"TensorRT {version} is installed but no NVIDIA GPU is visible ({env['gpu_error']})"
+        except Exception as err:  # never raises: a broken stack is a reason, not a crash
+            return f"TensorRT check failed: {type(err).__name__}: {err}"
+
+    @classmethod
+    def doctor_checks(cls):
+        return (check_cuda, check_tensorrt, check_torch_tensorrt)
 
     def __init__(self, model: str | Path, threads: int | None = None, precision: str = "fp32",
                  rebuild_on_mismatch: bool = False, device: int | str = 0, **_ignored: Any):
-        from ..stages.build_engine import ENGINE_FILE, ensure_engine
-
         super().__init__(precision)
         path = Path(model)
         self.engine_path = path if path.suffix in (".engine", ".plan") else path.parent / ENGINE_FILE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,17 @@ from .base import BACKENDS, Backend, physical_cores
 @BACKENDS.register("torch")
 class TorchBackend(Backend):
     name = "torch"
+    packages = ("torch",)
+    reads = ("module",)  # an nn.Module (bench loads it from the artifact's source checkpoint)
+    bench_modes = {"torch-compile": {"compile": True}}  # opt-in: its first compile per shape can take minutes
+
+    @classmethod
+    def unavailable(cls, **settings: Any) -> str | None:
+        try:
+            found = importlib.util.find_spec("torch") is not None
+        except Exception as err:  # never raises
+            return f"torch cannot be looked up: {type(err).__name__}: {err}"
+        return None if found else "PyTorch is not installed (pip install torch)"
 
     def __init__(self, model, threads: int | None = None, precision: str = "fp32", compile: bool = False):
         import torch

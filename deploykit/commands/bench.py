@@ -13,7 +13,19 @@ from typing import Optional
 
 import typer
 
+from ..benchmark import bench_backends
 from ..errors import DeployKitError
+
+
+def _backends_help() -> tuple[str, str]:
+    """(default, help) for --backends, read from the backend registry (and each backend's bench modes)."""
+    table = bench_backends()
+    default = ",".join(n for n, b in table.items() if b.default)
+    opt_in = [f"{n} (GPU)" if b.device == "gpu" else n for n, b in table.items() if not b.default]
+    return default, f"comma-separated, from: {', '.join(table)}; the default leaves out {', '.join(opt_in)}"
+
+
+_BACKENDS_DEFAULT, _BACKENDS_HELP = _backends_help()
 
 
 def register(app: typer.Typer) -> None:
@@ -22,8 +34,7 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     artifact: Path = typer.Argument(..., help="artifact directory written by `deploykit compress`"),
-    backends: str = typer.Option("torch,onnxruntime,openvino", help="comma-separated: torch, torch-compile (slow "
-                                 "to compile), onnxruntime, openvino, tensorrt, onnxruntime-cuda"),
+    backends: str = typer.Option(_BACKENDS_DEFAULT, help=_BACKENDS_HELP),
     batch: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default <artifact>.bench)"),
     data: str = typer.Option("auto", help="evaluation data: auto (as the artifact was built), a name/path, or none"),
@@ -73,8 +84,8 @@ def bench(
 def _gate(artifact: Path, baseline: Path, max_slowdown: str, update: bool, batch: str, out: Optional[Path],
           seconds: float, threads: int, reference: str, clock: str) -> int:
     from ..artifact import write_json
-    from ..benchmark import load_baseline, make_baseline, parse_batches, run_gate
-    from ..gate import parse_slowdown
+    from ..benchmark import parse_batches
+    from ..gate import load_baseline, make_baseline, parse_slowdown, run_gate
 
     if update:
         data = make_baseline(artifact, baseline, parse_batches(batch), threads=threads, seconds=seconds,

@@ -13,11 +13,15 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    app.command("doctor")(doctor)
+    from ..backends import BACKENDS
+
+    # the runtimes named in the help are the registered ones; each contributes its own checks
+    app.command("doctor", help=f"Report CPU features, the runtimes ({', '.join(BACKENDS.names())}) with their "
+                               "GPU stack, nvidia-modelopt and BentoML, and how to get what is missing.")(doctor)
 
 
 def doctor(json_out: bool = typer.Option(False, "--json", help="print the checks as JSON")) -> None:
-    """Report CPU features, ONNX Runtime providers, CUDA, TensorRT, modelopt, OpenVINO and BentoML."""
+    """Report CPU features, the registered runtimes with their GPU stack, nvidia-modelopt and BentoML."""
     from ..doctor import as_dict, run_checks
 
     checks = run_checks()

@@ -40,7 +40,7 @@ def build_engine_cmd(
     from ..errors import DeployKitError
 
     try:
-        from ..stages.build_engine import build_artifact_engine
+        from ..backends.tensorrt_engine import build_artifact_engine
 
         info = build_artifact_engine(artifact, precision.value, min_batch=min_batch, opt_batch=opt_batch,
                                      max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache)
@@ -56,7 +56,7 @@ def check_engine_cmd(
     """Compare ARTIFACT's engine.json with this machine's TensorRT and GPU, without loading the engine."""
     from ..cli import fail
     from ..errors import DeployKitError
-    from ..stages.build_engine import ENGINE_JSON, EngineMismatchError, check_engine_compatible
+    from ..backends.tensorrt_engine import ENGINE_JSON, EngineMismatchError, check_engine_compatible
 
     path = artifact if artifact.suffix == ".json" else artifact / ENGINE_JSON
     try:

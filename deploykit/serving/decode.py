@@ -33,10 +33,6 @@ class PayloadTooLarge(InputError):
     status = 413
 
 
-class UnsupportedMediaType(InputError):
-    status = 415
-
-
 def max_pixels() -> int:
     return int(os.environ.get("DEPLOYKIT_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from statistics import median
 from typing import Sequence
 
-from .errors import DeployKitError
+from ..errors import DeployKitError
 
 OK, REGRESSION, NOISY = 0, 1, 2
 VERDICTS = {OK: "no regression", REGRESSION: "REGRESSION", NOISY: "too noisy to decide"}
