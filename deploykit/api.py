@@ -32,7 +32,14 @@ class CompressResult:
 
 
 def default_output(checkpoint: str | Path) -> Path:
-    return Path(f"{Path(checkpoint).stem}.deploykit")
+    """``ckpt.pth`` -> ``ckpt.deploykit``; timm's ``model_best.pth.tar`` -> ``model_best.deploykit``;
+    a factory ``nets.py:make`` -> ``make.deploykit``."""
+    name = Path(str(checkpoint).rsplit(":", 1)[-1]).name
+    for suffix in (".pth.tar", ".pt.tar", ".pth", ".pt", ".tar", ".bin", ".ckpt", ".safetensors"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Path(f"{name}.deploykit")
 
 
 def _console(console):
@@ -43,15 +50,21 @@ def _console(console):
     return console
 
 
-def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *, out: str | Path | None = None,
-             overwrite: bool = False, console=None, **overrides: Any) -> CompressResult:
+def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path = "int8-ptq", *, model=None,
+             out: str | Path | None = None, overwrite: bool = False, console=None,
+             **overrides: Any) -> CompressResult:
     """Run ``recipe`` on ``checkpoint``; keyword overrides are dotted recipe keys with '.' spelled '__'.
+
+    Args:
+        checkpoint: a timm/plain/Lightning/SWA ``.pth`` or ``.safetensors`` file; None with ``model`` (its own
+            weights) or with ``model__factory`` (the factory's weights).
+        model: your own ``nn.Module``; the checkpoint's weights, if given, are loaded into it.
 
     Example: ``compress(ckpt, "int8-ptq", data__name="fashion-mnist", stages__quantize_onnx__method="entropy")``
     """
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_model
     from .compare import compare_models
     from .data import check_fits, dataset_names, resolve_data
     from .inputs import stage_inputs
@@ -68,8 +81,7 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *
     t_start = time.perf_counter()
 
     mc = recipe.model
-    loaded = load_checkpoint(checkpoint, arch=mc.arch, num_classes=mc.num_classes, in_chans=mc.in_chans,
-                             trust_pickle=mc.trust_pickle)
+    loaded = load_model(checkpoint, mc, model)
     for note in loaded.notes:
         console.print(f"[dim]checkpoint:[/] {note}")
     recorded = loaded.hints.get("dataset")
@@ -82,12 +94,15 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *
         check_fits(data, loaded.num_classes)
         if not mc.class_names and not loaded.class_names:
             mc = mc.model_copy(update={"class_names": data.class_names})
-    pre = resolve_preprocessing(loaded, mc)
+    input_notes: list[str] = []
+    pre = resolve_preprocessing(loaded, mc, input_notes)
+    for note in input_notes:
+        console.print(f"[yellow]warning:[/] {note}")
     console.print(f"[bold]{loaded.arch}[/] ({loaded.weights}), {loaded.num_classes} classes, input "
                   f"{'x'.join(map(str, pre.input_size))}, data: {data.name if data else 'none (data-free)'}")
 
-    out = Path(out) if out else default_output(checkpoint)
-    notes: list[str] = []
+    out = Path(out) if out else default_output(checkpoint if checkpoint is not None else loaded.arch)
+    notes: list[str] = list(input_notes)
     with ArtifactWriter(out, overwrite=overwrite) as workdir:
         teacher = loaded.model.eval()
         state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
@@ -111,7 +126,7 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path = "int8-ptq", *
         report = compare_models(state, recipe, final, console, notes) if recipe.eval.enabled else {"models": {}}
         report.update({
             "schema": REPORT_SCHEMA,
-            "checkpoint": Path(checkpoint).name,
+            "checkpoint": Path(checkpoint).name if checkpoint is not None else None,
             "recipe": recipe.name,
             "target": recipe.target,
             "data": {"name": data.name if data else None, "real": data is not None,

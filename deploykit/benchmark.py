@@ -164,12 +164,14 @@ def _model_config(art):
 
 
 def _load_torch_model(art, path: Path):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_model
 
     mc = _model_config(art)
     src = art.manifest.get("source", {})
-    return load_checkpoint(path, arch=mc.arch or src.get("arch"), num_classes=mc.num_classes or src.get("num_classes"),
-                           in_chans=mc.in_chans, trust_pickle=mc.trust_pickle)
+    if not mc.factory:  # an artifact from before recipes recorded everything: the manifest fills the gaps
+        mc = mc.model_copy(update={"arch": mc.arch or src.get("arch"),
+                                   "num_classes": mc.num_classes or src.get("num_classes")})
+    return load_model(path, mc)
 
 
 def discover_variants(artifact, backends=None, threads: int | None = None) -> tuple[list[BenchVariant], list[dict]]:

@@ -56,9 +56,11 @@ class LoadedModel:
     sha256: str = ""
 
 
-def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+def load_checkpoint(path: str | Path | None, *, arch: str | None = None, num_classes: int | None = None,
                     in_chans: int | None = None, model_kwargs: dict | None = None,
-                    trust_pickle: bool = False) -> LoadedModel:
+                    trust_pickle: bool = False, weights: str | None = None,
+                    input_size: tuple[int, int] | None = None, model: "torch.nn.Module | None" = None,
+                    model_name: str | None = None) -> LoadedModel:
     """Load a checkpoint file into a timm model; the arguments only fill in what the file lacks.
 
     Args:
@@ -66,11 +68,22 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: i
         num_classes, in_chans: override the file's args; otherwise inferred from the weight shapes.
         model_kwargs: extra ``timm.create_model`` kwargs; default is the file's ``args.model_kwargs``.
         trust_pickle: allow arbitrary unpickling (``weights_only=False``): only for files you trust.
+        weights: which weights of a file holding several: "ema", "model" or "swa"; None = EMA when present.
+        input_size: (height, width) the model runs at, when the file does not say; models whose shape depends on
+            it (ViT position embeddings, Swin windows) are built for it.
+        model: a module built by the caller (a user's own class, see deploykit.factory): the file's weights are
+            loaded into it instead of into a timm model; with ``path`` None it is used as it is.
+        model_name: what to call ``model`` in messages and the manifest (its class name by default).
 
     Example:
         >>> load_checkpoint("weights.safetensors", arch="resnet10t").num_classes
         10
     """
+    if path is None:
+        if model is None:
+            raise CheckpointError("no checkpoint and no model given", fix="pass a checkpoint file, or --model")
+        return _from_module(model, {}, model_name or type(model).__name__, "", [], arch=None, num_classes=num_classes,
+                            in_chans=in_chans, weights="the model's own weights (no checkpoint)")
     path = Path(path)
     name = f"checkpoint '{path}'"
     _check_file(path, name)
@@ -79,21 +92,33 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: i
 
     if _sniff(path, name) == "safetensors":
         state, meta = _load_safetensors(path, name)
-        weights, args = "safetensors", None
+        if weights not in (None, "model"):
+            raise CheckpointError(f"{name} is a safetensors file: it holds one set of weights, not {weights!r} ones",
+                                  fix="drop --weights, or give the checkpoint that holds those weights")
+        chosen, args = "safetensors", None
     else:
         obj = _torch_load(path, name, trust_pickle)
         if trust_pickle:
             notes.append("loaded with weights_only=False (--trust-pickle)")
         module = _find_module(obj)
-        if module is not None:
+        if module is not None and model is None:
             meta = obj if isinstance(obj, Mapping) else {}
             return _from_module(module, meta, name, sha256, notes, arch=arch, num_classes=num_classes,
                                 in_chans=in_chans)
-        state, weights = _pick_state_dict(obj, name, notes)
-        meta, args = obj, obj.get("args")
+        state, chosen = _pick_state_dict(obj, name, notes, weights)
+        # timm train.py stores `args`; PyTorch Lightning stores `hyper_parameters` (a dict of the same kind)
+        meta, args = obj, obj.get("args") or obj.get("hyper_parameters")
 
     state = _strip_wrapper_prefixes(state, notes)
     _check_finite(state, name)
+    if model is not None:  # the user's own module: the file only brings weights (and preprocessing hints)
+        label = model_name or type(model).__name__
+        state = _strip_owner_prefix(state, model.state_dict(), notes)
+        _load_weights(model, state, name, label, None, None, {}, notes)
+        loaded = _from_module(model, meta, name, sha256, notes, arch=None, num_classes=num_classes,
+                              in_chans=in_chans, weights=chosen, found_arch=label)
+        loaded.hints = _hints(args, loaded.in_chans, notes)
+        return loaded
 
     arch = _resolve_arch(arch, meta, args, name, notes)
     kwargs = dict(model_kwargs if model_kwargs is not None else (_arg(args, "model_kwargs") or {}))
@@ -103,14 +128,32 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, num_classes: i
     in_chans = in_chans or kw_chans or _arg(args, "in_chans") or (_arg(args, "input_size") or [None])[0]
     if num_classes is None or in_chans is None:
         num_classes, in_chans = _infer_shapes(arch, kwargs, state, num_classes, in_chans, notes)
+    size = tuple(input_size) if input_size else _hint_size(args)
+    if size and "img_size" not in kwargs and _builds_for_size(arch, kwargs, size):
+        kwargs["img_size"] = size
+        notes.append(f"{arch} built for input {size[0]}x{size[1]} (img_size)")
 
     model = _build(arch, num_classes, in_chans, kwargs, name)
+    state = _strip_owner_prefix(state, model.state_dict(), notes)
     _load_weights(model, state, name, arch, num_classes, in_chans, kwargs, notes)
     num_classes = getattr(model, "num_classes", None) or num_classes
     in_chans = in_chans or _first_conv_channels(model) or 3
     return LoadedModel(model=model.float().eval(), arch=arch, num_classes=int(num_classes), in_chans=int(in_chans),
-                       weights=weights, hints=_hints(args, int(in_chans), notes),
+                       weights=chosen, hints=_hints(args, int(in_chans), notes),
                        class_names=_class_names(meta), model_kwargs=kwargs, notes=notes, sha256=sha256)
+
+
+def load_model(checkpoint: str | Path | None, mc: "ModelConfig", model: "torch.nn.Module | None" = None) -> LoadedModel:
+    """What a recipe's ``model`` section says to load: a timm architecture, the user's factory (``mc.factory``) or
+    the given module, with the checkpoint's weights. compress and bench both load through here."""
+    label = None
+    if model is None and mc.factory:
+        from .factory import build_from_factory
+
+        model, label = build_from_factory(mc.factory, mc.kwargs), mc.factory
+    return load_checkpoint(checkpoint, arch=mc.arch, num_classes=mc.num_classes, in_chans=mc.in_chans,
+                           trust_pickle=mc.trust_pickle, weights=mc.weights, input_size=mc.input_size,
+                           model=model, model_name=label)
 
 
 def save_timm_checkpoint(path: str | Path, *, arch: str, state_dict: Any, args: dict,
@@ -340,16 +383,40 @@ def _find_module(obj: Any):
     return None
 
 
-def _pick_state_dict(obj: Any, name: str, notes: list[str]) -> tuple[dict, str]:
+# Where each kind of weights lives: timm train.py / CheckpointSaver, plain torch.save dicts, SWA scripts.
+_WEIGHT_KEYS = {
+    "ema": ("state_dict_ema", "model_ema", "ema_state_dict", "state_dict_ema_fp32"),
+    "model": ("state_dict", "model", "model_state_dict", "net"),
+    "swa": ("state_dict_swa", "swa_state_dict", "swa_model"),
+}
+WEIGHT_CHOICES = tuple(_WEIGHT_KEYS)
+
+
+def _pick_state_dict(obj: Any, name: str, notes: list[str], weights: str | None = None) -> tuple[dict, str]:
+    """The state dict to load: ``weights`` ("ema", "model", "swa") if given, else EMA, then model, then the root."""
     fix = "save model.state_dict() (or a dict with a 'state_dict' key) with torch.save"
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{name} holds no state dict: it holds a {type(obj).__name__}", fix=fix)
-    if _is_state_dict(obj.get("state_dict_ema")):
-        notes.append("using EMA weights (state_dict_ema)")
-        return dict(obj["state_dict_ema"]), "state_dict_ema"
-    for key in ("state_dict", "model"):
-        if _is_state_dict(obj.get(key)):
-            return dict(obj[key]), key
+    found = {kind: next((k for k in keys if _is_state_dict(obj.get(k))), None) for kind, keys in _WEIGHT_KEYS.items()}
+    if weights is not None:
+        if weights not in _WEIGHT_KEYS:
+            raise CheckpointError(f"--weights {weights!r} is not one of {', '.join(_WEIGHT_KEYS)}",
+                                  fix=f"pass --weights {' or '.join(_WEIGHT_KEYS)}")
+        if found[weights] is None and not (weights == "model" and _is_state_dict(obj)):
+            have = [k for k, v in found.items() if v] or (["model (the file's root)"] if _is_state_dict(obj) else [])
+            raise CheckpointError(f"{name} has no {weights} weights (it has: {', '.join(have) or 'none'})",
+                                  fix=f"pass --weights {have[0].split()[0]}" if have else fix)
+        key = found[weights]
+        notes.append(f"using {weights} weights ({key or 'the file root'}) as asked")
+        return (dict(obj[key]), key) if key else (dict(obj), "state_dict (root)")
+    if found["ema"]:
+        others = [k for k in ("model", "swa") if found[k]]
+        notes.append(f"using EMA weights ({found['ema']})"
+                     + (f"; --weights {others[0]} uses the {others[0]} weights" if others else ""))
+        return dict(obj[found["ema"]]), found["ema"]
+    for kind in ("model", "swa"):
+        if found[kind]:
+            return dict(obj[found[kind]]), found[kind]
     if _is_state_dict(obj):
         return dict(obj), "state_dict (root)"
     keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
@@ -358,14 +425,35 @@ def _pick_state_dict(obj: Any, name: str, notes: list[str]) -> tuple[dict, str]:
 
 
 def _strip_wrapper_prefixes(state: dict, notes: list[str]) -> dict:
+    if "n_averaged" in state and getattr(state["n_averaged"], "numel", lambda: 0)() == 1:
+        # torch.optim.swa_utils.AveragedModel: the averaged module under `module.`, plus its counter
+        n = int(state.pop("n_averaged"))
+        notes.append(f"SWA AveragedModel weights ({n} models averaged); BatchNorm statistics are used as saved "
+                     "(run torch.optim.swa_utils.update_bn before saving if you have not)")
     stripped = True
     while stripped:  # compile + DDP can nest: "module._orig_mod.conv1.weight"
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
+            if state and all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 notes.append(f"stripped '{prefix}' prefix from {len(state)} keys")
                 stripped = True
+    return state
+
+
+def _strip_owner_prefix(state: dict, expected: Mapping, notes: list[str]) -> dict:
+    """Weights saved from a module that *holds* the model (a Lightning module's ``self.model``, a wrapper's
+    ``self.net``) carry that attribute's name in every key: when one such prefix makes the keys fit, use it."""
+    if not state or any(k in expected for k in state):
+        return state
+    wanted = {k for k in expected if not k.endswith(".num_batches_tracked")}
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= set(inner) <= set(expected):
+            dropped = len(state) - len(inner)
+            notes.append(f"using the weights under '{prefix}' ({len(inner)} keys)"
+                         + (f"; dropped {dropped} other keys (losses, teachers, metrics)" if dropped else ""))
+            return inner
     return state
 
 
@@ -398,7 +486,8 @@ def _arg(args: Any, key: str) -> Any:
 def _resolve_arch(arch: str | None, meta: Mapping, args: Any, name: str, notes: list[str]) -> str:
     import timm
 
-    file_arch = meta.get("arch") or _arg(args, "model")
+    # timm: meta["arch"] / args.model; Lightning hyper_parameters often say arch or model_name
+    file_arch = meta.get("arch") or _arg(args, "model") or _arg(args, "arch") or _arg(args, "model_name")
     file_arch = file_arch if isinstance(file_arch, str) and file_arch else None
     if arch and file_arch and arch != file_arch:
         notes.append(f"--arch {arch} overrides the file's arch '{file_arch}'")
@@ -428,15 +517,25 @@ def _infer_shapes(arch: str, kwargs: dict, state: Mapping, num_classes: int | No
     # Distilled models list two heads ("head", "head_dist"); both have num_classes outputs.
     classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
     first_conv = first_conv[0] if isinstance(first_conv, (list, tuple)) else first_conv
-    weight = state.get(f"{classifier}.weight") if classifier else None
+    weight = _find_weight(state, classifier)
     if num_classes is None and weight is not None and weight.ndim >= 2:
         num_classes = int(weight.shape[0])
         notes.append(f"num_classes={num_classes} inferred from {classifier}.weight")
-    weight = state.get(f"{first_conv}.weight") if first_conv else None
+    weight = _find_weight(state, first_conv)
     if in_chans is None and weight is not None and weight.ndim >= 2:
         in_chans = int(weight.shape[1])
         notes.append(f"in_chans={in_chans} inferred from {first_conv}.weight")
     return num_classes, in_chans
+
+
+def _find_weight(state: Mapping, layer: str | None):
+    """``layer.weight``, also under one owner prefix (``model.layer.weight`` in a Lightning file)."""
+    if not layer:
+        return None
+    if f"{layer}.weight" in state:
+        return state[f"{layer}.weight"]
+    found = [k for k in state if k.endswith(f".{layer}.weight") and k.count(".") == layer.count(".") + 2]
+    return state[found[0]] if len(found) == 1 else None
 
 
 def _pretrained_cfg(arch: str, kwargs: dict) -> dict:
@@ -452,6 +551,35 @@ def _pretrained_cfg(arch: str, kwargs: dict) -> dict:
             return dict(timm.create_model(arch, pretrained=False, **kwargs).pretrained_cfg or {})
     except Exception:
         return {}
+
+
+def _hint_size(args: Any) -> tuple[int, int] | None:
+    """(H, W) from train.py's args.input_size (C, H, W) or args.img_size."""
+    input_size, img_size = _arg(args, "input_size"), _arg(args, "img_size")
+    if input_size and len(input_size) == 3:
+        return int(input_size[1]), int(input_size[2])
+    if img_size:
+        return (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(v) for v in img_size)[-2:]
+    return None
+
+
+def _builds_for_size(arch: str, kwargs: dict, size: tuple[int, int]) -> bool:
+    """Whether ``arch`` takes ``img_size`` (its weights' shapes depend on the input: ViT, DeiT, Swin, ...) and
+    ``size`` differs from its default. CNNs refuse the keyword (TypeError) and run at any size as they are."""
+    import timm
+    import torch
+
+    default = tuple((_pretrained_cfg(arch, kwargs).get("input_size") or (3, 224, 224))[-2:])
+    if tuple(size) == default:
+        return False
+    try:
+        with torch.device("meta"):
+            timm.create_model(arch, pretrained=False, img_size=tuple(size), **kwargs)
+    except TypeError:
+        return False
+    except Exception:  # e.g. a window size that does not divide: the build below reports it with the file's name
+        return True
+    return True
 
 
 def _build(arch: str, num_classes: int | None, in_chans: int | None, kwargs: dict, name: str):
@@ -501,13 +629,44 @@ def _load_weights(model, state: dict, name: str, arch: str, num_classes, in_chan
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key{'s' if len(unexpected) > 1 else ''} (" + listing(
                 unexpected, lambda k: f"{k} {_shape(state[k])}") + ")")
-        if len(unexpected) > len(state) / 2:
-            problems.append(f"most of its weights are unknown to {arch}, so it is probably another architecture")
+        cause, fix = _likely_cause(model, state, expected, mismatched, unexpected, arch)
+        if cause:
+            problems.append(cause)
         raise CheckpointError(f"{name} does not fit {_describe(arch, num_classes, in_chans, kwargs)}: "
-                              + ", ".join(problems), fix=_FIX_SHAPES)
+                              + ", ".join(problems), fix=fix)
     if counters:
         notes.append(f"{len(counters)} BatchNorm num_batches_tracked buffers missing (old checkpoint); kept at 0")
     model.load_state_dict(state, strict=not counters)
+
+
+def _likely_cause(model, state: Mapping, expected: Mapping, mismatched: list[str], unexpected: list[str],
+                  arch: str) -> tuple[str, str]:
+    """The most likely reason a checkpoint does not fit, and its fix: a wrong class count or channel count
+    explains a misfit confined to the head or the stem; a shared key prefix explains unknown names."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    stem = cfg.get("first_conv") or ()
+    stem = (stem,) if isinstance(stem, str) else tuple(stem)
+    if mismatched and not unexpected and all(k.rsplit(".", 1)[0] in heads for k in mismatched):
+        k = next(k for k in mismatched if k.endswith("weight")) if any(k.endswith("weight") for k in mismatched) \
+            else mismatched[0]
+        n = int(state[k].shape[0])
+        return (f"its classifier ({k}) has {n} outputs, not {int(expected[k].shape[0])}",
+                f"pass --num-classes {n} (or drop --num-classes: the file's own head size is then used)")
+    if mismatched and not unexpected and all(k.rsplit(".", 1)[0] in stem for k in mismatched):
+        k = mismatched[0]
+        n = int(state[k].shape[1]) if state[k].ndim > 1 else None
+        return (f"its first layer ({k}) takes {n} input channels", f"pass --in-chans {n}")
+    if len(unexpected) > len(state) / 2:
+        prefixes = sorted({k.split(".", 1)[0] for k in unexpected})
+        if len(prefixes) <= 2:
+            return (f"its keys all start with {' or '.join(repr(p + '.') for p in prefixes)}, which {arch} "
+                    "does not have", "re-save the inner model's state_dict, or check --arch: the weights under "
+                    "that name did not fit it either")
+        return (f"most of its weights are unknown to {arch}, so it is probably another architecture",
+                "pass the --arch the checkpoint was trained with")
+    return "", _FIX_SHAPES
 
 
 def _first_conv_channels(model) -> int | None:
@@ -518,14 +677,14 @@ def _first_conv_channels(model) -> int | None:
 
 
 def _from_module(module, meta: Mapping, name: str, sha256: str, notes: list[str], *, arch, num_classes,
-                 in_chans) -> LoadedModel:
-    """A whole pickled nn.Module (trusted file): use it as is; arguments can only be checked against it."""
+                 in_chans, weights: str = "pickled nn.Module", found_arch: str | None = None) -> LoadedModel:
+    """A whole nn.Module (a trusted pickle, or the caller's own): use it as is; arguments are checked against it."""
     import torch
 
     model = module.float().cpu().eval()
     _check_finite(model.state_dict(), name)
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-    found_arch = pretrained_cfg.get("architecture") or type(model).__name__
+    found_arch = found_arch or pretrained_cfg.get("architecture") or type(model).__name__
     if arch and arch != found_arch:
         notes.append(f"--arch {arch} ignored: the file holds a whole {found_arch} module")
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -537,11 +696,12 @@ def _from_module(module, meta: Mapping, name: str, sha256: str, notes: list[str]
                                   fix=f"drop {flag} or use a checkpoint made for {given}")
     found_classes = found_classes or num_classes
     if not found_classes:
-        raise CheckpointError(f"cannot tell how many classes the pickled {found_arch} in {name} has",
+        raise CheckpointError(f"cannot tell how many classes {found_arch} ({name}) has",
                               fix="pass --num-classes")
-    notes.append(f"using the pickled {found_arch} module as is")
+    if weights == "pickled nn.Module":
+        notes.append(f"using the pickled {found_arch} module as is")
     return LoadedModel(model=model, arch=found_arch, num_classes=int(found_classes),
-                       in_chans=int(found_chans or in_chans or 3), weights="pickled nn.Module", hints={},
+                       in_chans=int(found_chans or in_chans or 3), weights=weights, hints={},
                        class_names=_class_names(meta), model_kwargs={}, notes=notes, sha256=sha256)
 
 

@@ -66,7 +66,9 @@ def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp3
 
 @app.command()
 def compress(
-    checkpoint: Path = typer.Argument(..., help="timm train.py checkpoint, state_dict .pth, or .safetensors"),
+    checkpoint: Optional[Path] = typer.Argument(None, help="timm train.py / CheckpointSaver file, plain or DDP state_dict, "
+                                                            "SWA AveragedModel, Lightning .ckpt, or .safetensors "
+                                                            "(optional with --model)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe name or YAML path"),
     int8: bool = typer.Option(False, "--int8", help="preset: recipes/int8-ptq.yaml (the default)"),
     fp16: bool = typer.Option(False, "--fp16", help="preset: recipes/fp16.yaml (GPU targets)"),
@@ -75,9 +77,19 @@ def compress(
     target: Optional[Target] = typer.Option(None, help="deployment target"),
     data: Optional[str] = typer.Option(None, help=f"{describe_datasets()}; or an ImageFolder dir; or none (data-free). Default: the dataset the checkpoint names, else data-free"),
     arch: Optional[str] = typer.Option(None, help="timm architecture, when the checkpoint does not say"),
+    model: Optional[str] = typer.Option(None, "--model", help="your own model: FILE.py:NAME or package.module:NAME, "
+                                        "a callable returning an nn.Module (kwargs: model.kwargs in a recipe). "
+                                        "Importing it RUNS its code: only name files you trust"),
+    weights: Optional[str] = typer.Option(None, help="which weights of a file holding several: ema | model | swa "
+                                                     "(default: EMA when present)"),
     num_classes: Optional[int] = typer.Option(None, help="classifier outputs, when the checkpoint does not say"),
     in_chans: Optional[int] = typer.Option(None, help="input channels, when the checkpoint does not say"),
-    input_size: Optional[int] = typer.Option(None, help="square input side in pixels"),
+    input_size: Optional[str] = typer.Option(None, help="input size the model was trained at: 224, HxW (60x80) "
+                                                        "or CxHxW (3x60x80)"),
+    mean: Optional[str] = typer.Option(None, help="per-channel mean used in training, e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, help="per-channel std used in training, e.g. 0.229,0.224,0.225"),
+    interpolation: Optional[str] = typer.Option(None, help="resize filter: bilinear | bicubic | nearest"),
+    crop_pct: Optional[float] = typer.Option(None, help="centre-crop fraction at evaluation (timm eval), 0-1"),
     calibration_images: Optional[int] = typer.Option(None, help="number of calibration images"),
     calibration_method: Optional[CalibMethod] = typer.Option(None, help="INT8 range calibration"),
     prune: Optional[float] = typer.Option(None, min=0.0, max=0.95,
@@ -124,6 +136,12 @@ def compress(
             "model.num_classes": num_classes,
             "model.in_chans": in_chans,
             "model.input_size": input_size,
+            "model.factory": model,
+            "model.weights": weights,
+            "model.mean": _floats(mean, "--mean"),
+            "model.std": _floats(std, "--std"),
+            "model.interpolation": interpolation,
+            "model.crop_pct": crop_pct,
             "model.trust_pickle": trust_pickle or None,
             "eval.enabled": False if no_eval else None,
             "eval.threads": threads,
@@ -131,8 +149,10 @@ def compress(
             "stages.prune.macs_reduction": prune,
             budget_key: max_drop,
         })
+        if checkpoint is None and not r.model.factory:
+            raise DeployKitError("no checkpoint given", fix="pass a checkpoint file, or --model FILE.py:NAME")
         if dry_run:
-            typer.echo(f"# resolved recipe for {checkpoint}\n" + r.to_yaml(), nl=False)
+            typer.echo(f"# resolved recipe for {checkpoint or r.model.factory}\n" + r.to_yaml(), nl=False)
             return
         from .api import compress as run_compress
         from .report import print_summary
@@ -142,6 +162,16 @@ def compress(
             print_summary(res.report)
     except DeployKitError as err:
         fail(err)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise DeployKitError(f"{flag} {text!r} is not a comma-separated list of numbers",
+                             fix=f"e.g. {flag} 0.485,0.456,0.406") from None
 
 
 @app.command("recipes")

@@ -135,8 +135,12 @@ def to_model_mode(image, channels: int):
 
 # --- resolving: what the file says, what the recipe says, timm's defaults ---------------------------------------
 
-def resolve_preprocessing(loaded: "LoadedModel", cfg: "ModelConfig | None" = None) -> Preprocessing:
+def resolve_preprocessing(loaded: "LoadedModel", cfg: "ModelConfig | None" = None,
+                          notes: list[str] | None = None) -> Preprocessing:
     """Preprocessing for ``loaded``: recipe fields win, then the file's hints, then timm's defaults.
+
+    A size, mean or std that only timm's default supplied is said in ``notes`` (a model trained at 28x28 and
+    run at timm's 224x224 with ImageNet statistics scores like a random one, without any error).
 
     Example:
         >>> resolve_preprocessing(loaded, ModelConfig(input_size=32)).input_size
@@ -155,16 +159,23 @@ def resolve_preprocessing(loaded: "LoadedModel", cfg: "ModelConfig | None" = Non
     hints = loaded.hints
     timm_cfg = resolve_data_config({}, model=loaded.model)
 
-    size = (cfg.input_size,) * 2 if cfg.input_size else tuple(hints.get("input_size") or timm_cfg["input_size"])[1:]
+    notes = notes if notes is not None else []
+    size = cfg.input_size or tuple(hints.get("input_size") or timm_cfg["input_size"])[1:]
+    if not cfg.input_size and not hints.get("input_size"):
+        notes.append(f"input size {size[0]}x{size[1]} is timm's default for {loaded.arch}, not read from the file: "
+                     "pass --input-size HxW if the model was trained at another size")
     # mean and std come as a pair from one source; recipe values then override each one.
     stats = hints if "mean" in hints and "std" in hints else timm_cfg
+    if not (cfg.mean and cfg.std) and stats is timm_cfg:
+        notes.append(f"mean/std are not in the file: using timm's defaults for {loaded.arch} ({_fmt(stats['mean'])} / "
+                     f"{_fmt(stats['std'])}); pass --mean and --std if the model was trained with other statistics")
     mean = _user_per_channel(cfg.mean, channels, "mean") if cfg.mean else _per_channel(stats["mean"], channels)
     std = _user_per_channel(cfg.std, channels, "std") if cfg.std else _per_channel(stats["std"], channels)
     interpolation = cfg.interpolation or hints.get("interpolation") or timm_cfg.get("interpolation")
     if interpolation not in _PIL_FILTERS:
         interpolation = "bicubic"  # timm's default, for its filters we do not implement (lanczos, box, ...)
     # timm's eval crop can exceed 1 (test_crop_pct); we never upsample-then-pad, so cap at a full view.
-    crop_pct = min(float(hints.get("crop_pct") or timm_cfg.get("crop_pct") or 1.0), 1.0)
+    crop_pct = cfg.crop_pct or min(float(hints.get("crop_pct") or timm_cfg.get("crop_pct") or 1.0), 1.0)
 
     class_names = cfg.class_names or loaded.class_names or [f"class_{i}" for i in range(loaded.num_classes)]
     if len(class_names) != loaded.num_classes:
@@ -177,6 +188,10 @@ def resolve_preprocessing(loaded: "LoadedModel", cfg: "ModelConfig | None" = Non
         reason = " ".join(str(err).split()).rstrip(".")
         raise CheckpointError(f"invalid preprocessing: {reason}",
                               fix="check model.mean/std/input_size in the recipe") from None
+
+
+def _fmt(values) -> str:
+    return ", ".join(f"{float(v):.3g}" for v in values)
 
 
 def _per_channel(values, channels: int) -> tuple[float, ...]:

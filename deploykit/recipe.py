@@ -36,19 +36,67 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPE_VERSION = 1
 
 
+def parse_input_size(value: Any) -> tuple[int, ...] | None:
+    """``224``, ``"60x80"`` (height x width), ``"3x60x80"`` or a list of those numbers -> a tuple (H, W) or (C, H, W).
+
+    Example:
+        >>> parse_input_size("60x80"), parse_input_size(224), parse_input_size([3, 60, 80])
+        ((60, 80), (224, 224), (3, 60, 80))
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value, value]
+    elif isinstance(value, str):
+        text = value.strip().lower().replace("*", "x").replace(",", "x")
+        try:
+            parts = [int(p) for p in text.split("x")]
+        except ValueError:
+            raise ValueError(f"input size {value!r} is not N, HxW or CxHxW (e.g. 224, 60x80, 3x60x80)") from None
+        parts = parts * 2 if len(parts) == 1 else parts
+    elif isinstance(value, (list, tuple)):
+        parts = [int(v) for v in value]
+    else:
+        raise ValueError(f"input size {value!r} is not N, HxW or CxHxW")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"input size {value!r} has {len(parts)} numbers; give N, HxW or CxHxW")
+    if min(parts[-2:]) < 8 or (len(parts) == 3 and parts[0] < 1):
+        raise ValueError(f"input size {value!r}: height and width must be at least 8 pixels")
+    return tuple(parts)
+
+
 class ModelConfig(BaseModel):
     """What the checkpoint does not say (or what the user wants to override)."""
 
     model_config = ConfigDict(extra="forbid")
     arch: str | None = None
+    factory: str | None = Field(None, description="a user's own model: FILE.py:NAME or package.module:NAME, a "
+                                                  "callable returning an nn.Module (importing it runs its code)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
     num_classes: int | None = Field(None, ge=1)
     in_chans: int | None = Field(None, ge=1)
-    input_size: int | None = Field(None, ge=8, description="square input side in pixels")
+    input_size: tuple[int, int] | None = Field(None, description="(height, width) in pixels; a recipe or flag may "
+                                                                 "say 224, 60x80 or 3x60x80")
     mean: list[float] | None = None
     std: list[float] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1, description="centre crop fraction at evaluation (timm eval)")
     class_names: list[str] | None = None
+    weights: Literal["ema", "model", "swa"] | None = Field(None, description="which weights of a file holding "
+                                                                          "several; None = EMA when present")
     trust_pickle: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_input_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("input_size") is not None:
+            size = parse_input_size(data["input_size"])
+            data = dict(data, input_size=size[-2:])
+            if len(size) == 3:
+                if data.get("in_chans") not in (None, size[0]):
+                    raise ValueError(f"input_size says {size[0]} channels but in_chans is {data['in_chans']}")
+                data["in_chans"] = size[0]
+        return data
 
 
 class DataConfig(BaseModel):
