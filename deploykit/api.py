@@ -66,9 +66,10 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
 
     from .checkpoint import load_model
     from .compare import compare_models
-    from .data import check_fits, dataset_names, resolve_data
+    from .data import check_fits, registered_name, resolve_data
     from .inputs import stage_inputs
     from .preprocessing import resolve_preprocessing
+    from .sanity import ema_vs_model
     from .stages import STAGES, PipelineState
 
     console = _console(console)
@@ -84,25 +85,28 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     loaded = load_model(checkpoint, mc, model)
     for note in loaded.notes:
         console.print(f"[dim]checkpoint:[/] {note}")
-    recorded = loaded.hints.get("dataset")
-    if recipe.data.name is None and recorded in dataset_names():
+    recorded = registered_name(loaded.hints.get("dataset"))
+    if recipe.data.name is None and recorded:
         console.print(f"[dim]data:[/] using {recorded!r}, the dataset recorded in the checkpoint "
                       "(--data none for data-free)")
         recipe = recipe.with_overrides({"data.name": recorded})
     data = resolve_data(recipe.data)
     if data is not None:
         check_fits(data, loaded.num_classes)
+        for note in data.notes:
+            console.print(f"[yellow]warning:[/] {note}")
         if not mc.class_names and not loaded.class_names:
             mc = mc.model_copy(update={"class_names": data.class_names})
     input_notes: list[str] = []
     pre = resolve_preprocessing(loaded, mc, input_notes)
+    input_notes += [n for n in [ema_vs_model(loaded, data, pre)] if n]
     for note in input_notes:
         console.print(f"[yellow]warning:[/] {note}")
     console.print(f"[bold]{loaded.arch}[/] ({loaded.weights}), {loaded.num_classes} classes, input "
                   f"{'x'.join(map(str, pre.input_size))}, data: {data.name if data else 'none (data-free)'}")
 
     out = Path(out) if out else default_output(checkpoint if checkpoint is not None else loaded.arch)
-    notes: list[str] = list(input_notes)
+    notes: list[str] = list(input_notes) + (list(data.notes) if data is not None else [])
     with ArtifactWriter(out, overwrite=overwrite) as workdir:
         teacher = loaded.model.eval()
         state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,

@@ -54,6 +54,8 @@ class LoadedModel:
     model_kwargs: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     sha256: str = ""
+    # the file's other weight set when it holds two (EMA chosen, model weights beside it): (kind, state_dict)
+    alternative: tuple[str, dict] | None = None
 
 
 def load_checkpoint(path: str | Path | None, *, arch: str | None = None, num_classes: int | None = None,
@@ -136,11 +138,25 @@ def load_checkpoint(path: str | Path | None, *, arch: str | None = None, num_cla
     model = _build(arch, num_classes, in_chans, kwargs, name)
     state = _strip_owner_prefix(state, model.state_dict(), notes)
     _load_weights(model, state, name, arch, num_classes, in_chans, kwargs, notes)
+    alternative = _alternative_weights(obj if chosen != "safetensors" else {}, chosen, model.state_dict())
     num_classes = getattr(model, "num_classes", None) or num_classes
     in_chans = in_chans or _first_conv_channels(model) or 3
     return LoadedModel(model=model.float().eval(), arch=arch, num_classes=int(num_classes), in_chans=int(in_chans),
                        weights=chosen, hints=_hints(args, int(in_chans), notes),
-                       class_names=_class_names(meta), model_kwargs=kwargs, notes=notes, sha256=sha256)
+                       class_names=_class_names(meta), model_kwargs=kwargs, notes=notes, sha256=sha256,
+                       alternative=alternative)
+
+
+def _alternative_weights(obj: Any, chosen: str, expected: Mapping) -> tuple[str, dict] | None:
+    """The model weights beside chosen EMA weights, when they fit the same model (for a sanity check)."""
+    if not isinstance(obj, Mapping) or chosen not in _WEIGHT_KEYS["ema"]:
+        return None
+    key = next((k for k in _WEIGHT_KEYS["model"] if _is_state_dict(obj.get(k))), None)
+    if key is None:
+        return None
+    state = _strip_wrapper_prefixes(dict(obj[key]), [])
+    fits = set(state) <= set(expected) and all(state[k].shape == expected[k].shape for k in state)
+    return ("model", state) if fits else None
 
 
 def load_model(checkpoint: str | Path | None, mc: "ModelConfig", model: "torch.nn.Module | None" = None) -> LoadedModel:

@@ -109,7 +109,7 @@ def test_imagefolder_with_train_val(tmp_path):
     (lambda p: p.mkdir(), r"has no class sub-directories"),
     (lambda p: (p / "a").mkdir(parents=True), r"contains no image files"),
     (lambda p: ((p / "a").mkdir(parents=True), (p / "a" / "x.jpg").write_text("not an image")),
-     r"x\.jpg is not a readable image"),
+     r"1 of 1 files under .* are not readable images: a/x\.jpg \(UnidentifiedImageError\)"),
 ])
 def test_bad_imagefolders_fail_clearly(tmp_path, setup, match):
     root = tmp_path / "ds"

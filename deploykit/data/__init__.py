@@ -152,6 +152,43 @@ def _unknown(name: str) -> DataError:
                      fix=f"{close} (--data takes {data_help()})" if close else f"pass --data {data_help()}")
 
 
+def registered_name(name: str | None) -> str | None:
+    """A dataset name as timm's train.py records it (``torch/fashion_mnist``, ``FashionMNIST``) -> a registered name.
+
+    Example:
+        >>> registered_name("torch/fashion_mnist"), registered_name("imagenet")
+        ('fashion-mnist', None)
+    """
+    if not name:
+        return None
+    text = str(name).strip()
+    for prefix in ("torch/", "tfds/", "hfds/", "hfids/", "wds/"):
+        if text.lower().startswith(prefix):
+            text = text[len(prefix):]
+    key = text.lower().replace("_", "-").replace(" ", "-")
+    aliases = {n.replace("-", ""): n for n in dataset_names()}
+    return key if key in DATASETS else aliases.get(key.replace("-", ""))
+
+
+# Fewer evaluation images than this make a class's F1 noise (one image moves it by 10+ points).
+MIN_EVAL_IMAGES_PER_CLASS = 10
+
+
+def sparse_class_notes(splits: "DataSplits", empty: list[str] = ()) -> list[str]:
+    """Warnings for classes whose per-class F1 cannot be trusted: empty, or with few evaluation images."""
+    counts = np.bincount(splits.eval.labels, minlength=splits.eval.num_classes)
+    few = [(splits.eval.class_names[c], int(n)) for c, n in enumerate(counts) if n < MIN_EVAL_IMAGES_PER_CLASS]
+    notes = []
+    if empty:
+        notes.append(f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:10])}"
+                     + (" ..." if len(empty) > 10 else "") + "; the model still predicts them")
+    if few:
+        shown = ", ".join(f"{name} ({n})" for name, n in few[:10]) + (" ..." if len(few) > 10 else "")
+        notes.append(f"{len(few)} class(es) have fewer than {MIN_EVAL_IMAGES_PER_CLASS} evaluation images, so their "
+                     f"per-class F1 is noise: {shown}")
+    return notes
+
+
 def resolve_data(cfg) -> DataSplits | None:
     """DataConfig -> DataSplits; None when cfg.name is None or 'none' (the data-free path).
 
@@ -159,19 +196,24 @@ def resolve_data(cfg) -> DataSplits | None:
     """
     if cfg.name in (None, "none"):
         return None
-    name = str(cfg.name)
+    name, empty = str(cfg.name), []
     if name in DATASETS:
         train, test = DATASETS.get(name).load(cfg)
     elif _looks_like_path(name):
-        from .imagefolder import load_imagefolder_splits
+        from .imagefolder import empty_classes, load_imagefolder_splits
 
         train, test = load_imagefolder_splits(Path(name).expanduser(), seed=cfg.seed)
+        empty = empty_classes(train, test)
+    elif registered_name(name):
+        return resolve_data(cfg.model_copy(update={"name": registered_name(name)}))
     else:
         raise _unknown(name)
     # Calibrate on training images, evaluate on the held-out split: never calibrate on what is scored.
     calibration = train.head(cfg.calibration_images, seed=cfg.seed, name=f"{name}:calibration")
-    return DataSplits(name=name, train=train, calibration=calibration,
-                      eval=test.head(cfg.eval_images, seed=cfg.seed, name=f"{name}:eval"))
+    splits = DataSplits(name=name, train=train, calibration=calibration,
+                        eval=test.head(cfg.eval_images, seed=cfg.seed, name=f"{name}:eval"))
+    splits.notes.extend(sparse_class_notes(splits, empty))
+    return splits
 
 
 def check_fits(splits: DataSplits, num_classes: int) -> None:

@@ -53,9 +53,39 @@ def load_imagefolder(root: Path, name: str | None = None, class_names: list[str]
     if not paths:
         raise DataError(f"{root} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
                         fix="check the path; images must sit in <root>/<class_name>/")
-    # Decode one file up front so that a folder of non-images fails now, not mid-run.
-    open_image(paths[0])
+    check_images(paths, root)
     return ImageSet(name=name or root.name, class_names=list(classes), labels=np.array(labels), paths=paths)
+
+
+def check_images(paths: list[Path], root: Path) -> None:
+    """Every file is a readable image, checked before any heavy stage runs; all bad files are named at once.
+
+    ``verify()`` reads each file's structure without decoding its pixels, so a whole folder is cheap to check
+    (a truncated or non-image file found after export would cost the run).
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as err:  # PIL raises many types for damaged files; each one is a bad file here
+            bad.append(f"{path.relative_to(root)} ({type(err).__name__})")
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise DataError(f"{len(bad)} of {len(paths)} files under {root} are not readable images: {shown}",
+                        fix="remove or replace those files (or move them out of the class folders)")
+
+
+def empty_classes(*sets: ImageSet) -> list[str]:
+    """Class names that have no image in any of ``sets`` (an empty class folder)."""
+    names = sets[0].class_names
+    seen = np.zeros(len(names), bool)
+    for s in sets:
+        seen[np.unique(s.labels)] = True
+    return [names[i] for i in np.flatnonzero(~seen)]
 
 
 def load_imagefolder_splits(root: Path, seed: int = 0, eval_fraction: float = 0.2) -> tuple[ImageSet, ImageSet]:
