@@ -1,4 +1,4 @@
-"""Accuracy and fidelity metrics on numpy logits: top-1/top-5, macro-F1, per-class F1/recall, agreement.
+"""Accuracy and fidelity metrics on numpy logits: top-1/top-5, macro-F1, per-class scores (scikit-learn), agreement.
 
 Example:
     >>> m = classification_metrics(logits, labels, num_classes=10)
@@ -15,36 +15,66 @@ def predict(backend, images, pre, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([backend.run(x) for x, _ in images.batches(pre, batch_size)])
 
 
+def _check(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    if len(pred) != len(labels) or not len(labels):
+        raise ValueError(f"{len(pred)} predictions for {len(labels)} labels")
+    for name, v in (("label", labels), ("prediction", pred)):
+        if v.min() < 0 or v.max() >= num_classes:
+            raise ValueError(f"{name}s must lie in 0..{num_classes - 1}; got {int(v.min())}..{int(v.max())}")
+
+
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows: true class, columns: predicted class."""
-    return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
+    """Rows: true class, columns: predicted class, over all ``num_classes`` classes (scikit-learn)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    pred, labels = np.asarray(pred, np.int64), np.asarray(labels, np.int64)
+    _check(pred, labels, num_classes)
+    return sk_confusion_matrix(labels, pred, labels=np.arange(num_classes))
 
 
 def per_class_scores(pred: np.ndarray, labels: np.ndarray, num_classes: int):
-    """(precision, recall, f1, support) per class as fractions; 0 where a class has no support/predictions."""
-    cm = confusion_matrix(np.asarray(pred, np.int64), np.asarray(labels, np.int64), num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    """(precision, recall, f1, support) per class of ``range(num_classes)`` as fractions (scikit-learn).
+
+    Undefined ratios are 0: precision of a class never predicted, recall of a class absent from ``labels``. F1
+    is 2TP / (2TP + FP + FN), so a class predicted but absent from the labels has F1 0, not an omission.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    pred, labels = np.asarray(pred, np.int64), np.asarray(labels, np.int64)
+    _check(pred, labels, num_classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=np.arange(num_classes), average=None, zero_division=0)
     return precision, recall, f1, support
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Top-1/top-5 accuracy, macro-F1 and per-class precision/recall/F1 in percent, support in images.
+
+    Computed with scikit-learn over every class in ``range(num_classes)`` (``labels=range(num_classes)``,
+    ``zero_division=0``): a class the model predicts but the labels lack counts in macro-F1 with F1 0, as does a
+    class absent from both. Top-1 is the accuracy of ``logits.argmax(1)``, the predictions the per-class numbers
+    use (argmax takes the first of tied logits; ``top_k_accuracy_score`` the last); top-5 is
+    ``top_k_accuracy_score`` (100 when there are at most 5 classes).
+    """
+    from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+
+    logits = np.asarray(logits)
     labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits of shape {logits.shape} for {num_classes} classes")
     pred = logits.argmax(1)
-    _, recall, f1, support = per_class_scores(pred, labels, num_classes)
+    precision, recall, f1, support = per_class_scores(pred, labels, num_classes)
+    classes = np.arange(num_classes)
     k = min(5, num_classes)
-    top5 = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    present = support > 0  # macro-F1 over classes present in the evaluation data (as sklearn's labels=)
+    top5 = 1.0 if k == num_classes else top_k_accuracy_score(labels, logits, k=k, labels=classes)
+    macro_f1 = f1_score(labels, pred, labels=classes, average="macro", zero_division=0)
     return {
-        "top1": round(float((pred == labels).mean() * 100), 4),
-        "top5": round(float((top5 == labels[:, None]).any(1).mean() * 100), 4),
-        "macro_f1": round(float(f1[present].mean() * 100), 4),
+        "top1": round(float(accuracy_score(labels, pred)) * 100, 4),
+        "top5": round(float(top5) * 100, 4),
+        "macro_f1": round(float(macro_f1) * 100, 4),
         "per_class_f1": [round(float(v * 100), 3) for v in f1],
         "per_class_recall": [round(float(v * 100), 3) for v in recall],
+        "per_class_precision": [round(float(v * 100), 3) for v in precision],
         "support": [int(s) for s in support],
     }
 

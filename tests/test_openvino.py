@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import assert_margin_agreement, randomize_bn
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("openvino")
@@ -52,8 +52,10 @@ def test_openvino_fp32_matches_onnxruntime_on_real_images(onnx_fp32, images):
     for bs in (1, 7, 64):  # the exported batch axis is dynamic; OpenVINO must honour every size
         got = _run(ov, x, bs)
         fid = fidelity(ref, got)
-        assert fid["top1_agreement"] == 100.0
+        # float kernels differ by ~1e-6 (7e-7 measured, AVX-512 and AVX2); bf16 would be ~1e-2 (8.6e-3 measured)
         assert fid["max_abs_logit_diff"] <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+        # every input whose top-two gap exceeds twice that error keeps its class: all 200 here (smallest gap 0.26)
+        assert_margin_agreement(ref, got, min_decided=190)
 
 
 def test_ir_is_the_same_model_as_the_onnx(onnx_fp32, images, tmp_path):
@@ -73,10 +75,13 @@ def test_nncf_int8_agrees_with_fp32(onnx_fp32, images, tmp_path, fmt):
     ref = _run(create_backend("onnxruntime", onnx_fp32, threads=1), x)
     got = _run(create_backend("openvino", dst, threads=1, precision="int8"), x)
     fid = fidelity(ref, got)
-    # measured (nncf 3.4, openvino 2026.4): 100% agreement, 23.4 dB SQNR for both formats on these 200 images;
-    # the bounds leave room for NNCF/OpenVINO updates, and a broken quantizer lands far below them
-    assert fid["top1_agreement"] >= 97.0, fid
+    # measured (nncf 3.4, openvino 2026.4), both formats on these 200 images: 24.0 dB with OpenVINO's AVX-512 VNNI
+    # kernels, 22.7-22.8 dB with its AVX2 kernels; one conv's weight scale doubled in the INT8 file gives 17.3 dB
+    # (the stem) to 8.7 dB (a middle conv)
     assert fid["sqnr_db"] >= 18.0, fid
+    # INT8 error has a long tail (max 0.20, mean 0.02), so each input is judged against its own max error: inputs
+    # whose top-two gap exceeds twice it keep their class; 191-192 of 200 are decided on both ISAs
+    assert_margin_agreement(ref, got, min_decided=170, tol="per_input")
     assert not np.allclose(ref, got, atol=1e-5)  # it really is a different (quantized) model
 
 

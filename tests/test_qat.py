@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import assert_margin_agreement
 from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
@@ -28,6 +29,42 @@ def _fused_resnet():
     return model
 
 
+def _exported_conv_weights(path):
+    """(int8 values, dequantized float32) of every 4-D INT8 weight initializer, as its DequantizeLinear reads it."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    out = []
+    for node in graph.node:
+        q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is None or q.dtype != np.int8 or q.ndim != 4:
+            continue
+        scale = inits[node.input[1]]
+        if len(node.input) > 2 and node.input[2]:
+            assert not inits[node.input[2]].any(), node.name          # symmetric weights: zero point 0
+        if scale.size > 1:                                            # per output channel
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        out.append((q, q.astype(np.float32) * scale.astype(np.float32)))
+    return out
+
+
+def _assert_exported_weights_are_the_baked_ones(qmodel, path):
+    """Exact, on any CPU: each INT8 conv weight of the file, dequantized, equals bit for bit one conv weight the
+    fake-quant model computes with (baked onto the 7-bit grid by the export), and each is 7-bit."""
+    baked = [p.detach().numpy() for p in qmodel.parameters() if p.ndim == 4]
+    exported = _exported_conv_weights(path)
+    assert len(exported) == len(baked)
+    unmatched = list(range(len(baked)))
+    for q, w in exported:
+        assert int(np.abs(q).max()) <= 64, "weights beyond 7 bits"  # VPMADDUBSW saturates without VNNI
+        i = next((i for i in unmatched if baked[i].shape == w.shape and np.array_equal(baked[i], w)), None)
+        assert i is not None, f"an exported {w.shape} weight equals no baked fake-quant weight"
+        unmatched.remove(i)
+    return len(exported)
+
+
 def test_qat_export_is_the_fake_quant_model_with_int8_7bit_weights(tmp_path):
     model = _fused_resnet()
     x = torch.randn(64, 1, 28, 28)
@@ -38,16 +75,21 @@ def test_qat_export_is_the_fake_quant_model_with_int8_7bit_weights(tmp_path):
         float_out = model(x).numpy()
     path = export_qat_onnx(q, tmp_path / "qat.onnx", (1, 28, 28))
     got = create_backend("onnxruntime", path).run(x.numpy())
-    # ONNX Runtime's integer kernels vs torch's float fake-quant: same grid, rounding differs at ties only
+    # exact: all 15 conv weights are stored as int8, 7-bit, and are the fake-quant model's weights bit for bit
+    assert _assert_exported_weights_are_the_baked_ones(q, path) == 15
+    # ONNX Runtime's integer kernels vs torch's float fake-quant: the same grid; requantization rounds differently
+    # at ties, so logits move by up to one output step (0.004). Measured 39.9 dB (AVX-512 VNNI) and 42.6 dB
+    # (torch on AVX2 kernels); one conv's weight scale doubled in the file gives 8.5 dB.
     fid = fidelity(fake, got)
-    assert fid["top1_agreement"] >= 95.0 and fid["sqnr_db"] > 25, fid
-    assert fidelity(float_out, got)["sqnr_db"] > 15          # still the float model, quantized
+    assert fid["sqnr_db"] > 20, fid
+    # This random net's top-two logits are often closer than that step (median gap 0.009, 7 exact ties), so plain
+    # argmax agreement is 92-97% depending on the CPU. Inputs whose gap exceeds twice the max error: 32 (AVX-512) /
+    # 35 (AVX2) of 64; a doubled weight scale leaves 0, un-baked weights 6.
+    assert_margin_agreement(fake, got, min_decided=16)
+    # still the float model, quantized: 32.3 dB measured on both ISAs
+    assert fidelity(float_out, got)["sqnr_db"] > 15
 
     graph = onnx.load(str(path)).graph
-    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
-               and len(t.dims) == 4]
-    assert len(weights) == 15                                  # every conv weight is stored as int8
-    assert max(int(np.abs(w).max()) for w in weights) <= 64    # 7-bit: no VPMADDUBSW saturation without VNNI
     assert not [n for n in graph.node if n.op_type == "Identity"]
     assert not [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", (1, 28, 28))
@@ -73,8 +115,17 @@ def test_export_keeps_the_fake_quant_model_when_fx_traces_through_a_conv_subclas
     with torch.no_grad():
         after = q(x).numpy()
     assert np.array_equal(before, after)                        # baking + widening changed nothing
-    fid = fidelity(before, _run_reference_semantics(path, x.numpy()))
-    assert fid["top1_agreement"] == 100.0 and fid["sqnr_db"] > 30, fid
+    # exact: the F.conv2d weights are in the file as the 7-bit values the fake-quant model computes with
+    assert _assert_exported_weights_are_the_baked_ones(q, path) == 49
+    ref = _run_reference_semantics(path, x.numpy())
+    # Reference QDQ semantics is float math on dequantized values: the fake-quant model up to float conv rounding,
+    # which flips activation roundings at ties; through 16 blocks that gives 22.9 dB with oneDNN's AVX-512 kernels
+    # and 35.5 dB with its AVX2 kernels. One conv's weight scale doubled gives 7.7 dB. (The un-baked F.conv2d bug
+    # gives 19.3 dB: the SQNR cannot tell it from kernel rounding; the two exact checks above catch it.)
+    fid = fidelity(before, ref)
+    assert fid["sqnr_db"] > 15, fid
+    # inputs whose top-two gap exceeds twice the max error: 30 (AVX-512) / 32 (AVX2) of 32; doubled scale: 0
+    assert_margin_agreement(before, ref, min_decided=16)
 
 
 def test_untraceable_model_is_refused_with_a_pointer_to_ptq():

@@ -26,9 +26,14 @@ def test_builtin_recipe_set():
 
 
 @pytest.mark.parametrize("name", STAGES.names())
-def test_every_stage_config_has_defaults_and_version(name):
-    cfg = STAGES.get(name).Config()
-    assert cfg.version >= 1
+def test_every_stage_config_has_defaults_and_round_trips_in_a_recipe(name):
+    cfg = STAGES.get(name).Config()                          # every option has a default
+    assert cfg.model_dump()["version"] == 1
+    r = parse_recipe({"stages": [{name: cfg.model_dump(mode="json")}]})
+    assert r.stage(name).config == cfg                        # the defaults, written out, parse back to themselves
+    assert parse_recipe(yaml.safe_load(r.to_yaml())) == r
+    with pytest.raises(RecipeError, match=r"stages\.0\.no_such_option: Extra inputs are not permitted"):
+        parse_recipe({"stages": [{name: {"no_such_option": 1}}]})
 
 
 @pytest.mark.parametrize("data, match", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_accuracy_budget_rules():
     assert budget_notes(low_fidelity, -6.3, retrained=True, **rules) == []
     assert budget_notes(low_fidelity, 1.36, retrained=True, **rules) == ["top-1 drop 1.36 > 0.5 points"]
     # without labels even a QAT model falls back to fidelity; near-tied logits at high SQNR pass
-    assert budget_notes(low_fidelity, None, retrained=True, **rules)
+    assert budget_notes(low_fidelity, None, retrained=True, **rules) == ["agreement 82.00% < 90.0% at SQNR 10.7 dB < 20.0"]
     assert budget_notes({"top1_agreement": 87.5, "sqnr_db": 36.0}, None, retrained=False, **rules) == []
 
 
@@ -127,7 +128,7 @@ def state(tmp_path_factory):
     from deploykit.data import DataSplits
     from deploykit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
     from deploykit.preprocessing import Preprocessing
-    from deploykit.stages import PipelineState
+    from deploykit.stages import PipelineState, StageInputs
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)).eval()
@@ -137,10 +138,11 @@ def state(tmp_path_factory):
     idx = np.random.default_rng(0).permutation(len(test))
     data = DataSplits("fashion-mnist", train=test.subset(idx[300:364]), calibration=test.subset(idx[300:364]),
                       eval=test.subset(idx[:300]))
+    inputs = StageInputs(calibration_fn=lambda: data.calibration.load(pre, np.arange(64)),
+                         check_fn=lambda: data.eval.head(64, seed=1).load(pre, np.arange(64)))
     st = PipelineState(model=model, teacher=model, preprocessing=pre, workdir=tmp_path_factory.mktemp("art"),
-                       data=data, log=lambda msg: None)
-    st.calibration_fn = lambda: data.calibration.load(pre, np.arange(64))
-    st.check_fn = lambda: data.eval.head(64, seed=1).load(pre, np.arange(64))
+                       data=data, log=lambda msg: None, inputs=inputs)
+    st.ran = set()  # the stages that built models run once per module; select_runtime runs per test
     return st
 
 
@@ -148,14 +150,17 @@ def _run_stages(state, **select):
     from deploykit.stages import STAGES
 
     fast = dict(rounds=2, block_runs=2, batch_sizes=[1, 8], time_torch=False)
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # OpenVINO then cannot run BF16 but still lists it as a capability
+        fast["bf16"] = "never"
     for name, cfg in (("export_onnx", {}), ("quantize_onnx", {}),
                       ("quantize_openvino", {"subset_size": 64, "format": "both"}),
                       ("select_runtime", {**fast, **select})):
-        if name in state.facts and name != "select_runtime":
+        if name in state.ran and name != "select_runtime":
             continue
         stage = STAGES.get(name)
-        state.facts[name] = stage(stage.Config(**cfg)).run(state)
-    return state.facts["select_runtime"]
+        facts = stage(stage.Config(**cfg)).run(state)
+        state.ran.add(name)
+    return facts
 
 
 def test_stage_measures_every_candidate_and_records_its_choice(state):
@@ -166,25 +171,31 @@ def test_stage_measures_every_candidate_and_records_its_choice(state):
     assert (rows["openvino-int8"]["model"], rows["openvino-int8-onnx"]["model"]) == ("model.ov.xml",
                                                                                       "model.nncf.int8.onnx")
     assert facts["inputs"] == 300 and facts["inputs_kind"] == "evaluation images"
+    # Fidelity vs the FP32 reference by precision; argmax agreement is not asserted: this random net's top-two
+    # logits are as little as 0.025 apart, inside INT8 error. Measured (AVX-512 VNNI / AVX2 oneDNN kernels):
+    # FP32 134 dB and inf (float kernels ~1e-7 apart), BF16 47.8 dB, ONNX Runtime INT8 31.3-31.5 dB, OpenVINO INT8
+    # 15.4 / 14.8 dB. 90% of this net's logit energy is input-independent, so even logits of the wrong inputs
+    # (the reference shifted by one image) score 7.5 dB: hence no INT8 bound above 10 dB can be both safe and tight.
+    min_sqnr = {"fp32": 60.0, "bf16": 30.0, "int8": 10.0}
     for r in rows.values():
         assert set(r["latency_ms"]) == {"bs1", "bs8"} and all(v > 0 for v in r["latency_ms"].values())
-        assert r["top1_agreement"] >= 90.0 and r["top1"] is not None
-    assert rows["openvino-fp32"]["top1_agreement"] == 100.0 and rows["openvino-fp32"]["sqnr_db"] > 60
+        assert r["sqnr_db"] > min_sqnr[r["precision"]], r
+        assert r["top1"] is not None
     chosen = rows[facts["chosen"]]
     assert chosen["verdict"] == "eligible"
     eligible = [r for r in rows.values() if r["verdict"] == "eligible"]
     assert chosen["score"] == min(r["score"] for r in eligible)
     rt = state.runtime
-    assert (rt["backend"], rt["variant"], rt["model"]) == (chosen["backend"], chosen["name"], chosen["model"])
+    assert (rt.backend, rt.variant, rt.model) == (chosen["backend"], chosen["name"], chosen["model"])
     assert state.precision == chosen["precision"] and state.onnx_path.suffix == ".onnx"
-    assert (state.workdir / rt["model"]).is_file()
+    assert (state.workdir / rt.model).is_file()
 
 
 def test_stage_override_ships_the_forced_variant_with_its_ir(state):
     facts = _run_stages(state, force="openvino-int8")
     assert facts["chosen"] == "openvino-int8" and facts["reason"].startswith("forced by the recipe")
-    assert state.runtime["model"] == "model.ov.xml" and state.runtime["model_files"] == ["model.ov.xml", "model.ov.bin"]
-    assert state.runtime["files"]["openvino"] == "model.ov.xml"
+    assert state.runtime.model == "model.ov.xml" and state.runtime.model_files == ["model.ov.xml", "model.ov.bin"]
+    assert state.runtime.files["openvino"] == "model.ov.xml"
     assert state.precision == "int8" and state.onnx_path.suffix == ".onnx"  # the current api still finds an ONNX
 
 

@@ -3,9 +3,10 @@
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import assert_margin_agreement, randomize_bn
 
 timm = pytest.importorskip("timm")
 
@@ -67,14 +68,18 @@ def onnx_fp32(tiny_resnet, tmp_path_factory):
 
 def test_export_onnx_matches_torch_with_dynamic_batch(tiny_resnet, onnx_fp32):
     ort = create_backend("onnxruntime", onnx_fp32, threads=1)
+    refs, gots = [], []
     for bs in (1, 5, 33):
         x = np.random.default_rng(bs).standard_normal((bs, 1, 28, 28)).astype(np.float32)
         with torch.inference_mode():
             ref = tiny_resnet(torch.from_numpy(x)).numpy()
         got = ort.run(x)
         assert got.shape == (bs, 10)
-        assert np.abs(ref - got).max() < 1e-4
-        assert (ref.argmax(1) == got.argmax(1)).all()
+        assert np.abs(ref - got).max() < 1e-4           # float kernels: 6e-7 measured (AVX-512 and AVX2)
+        refs.append(ref)
+        gots.append(got)
+    # every input whose top-two gap exceeds twice the export's float error keeps its class: all 39 here
+    assert_margin_agreement(np.concatenate(refs), np.concatenate(gots), min_decided=36)
 
 
 def test_dynamo_exporter_matches_too(tiny_resnet, tmp_path):
@@ -95,9 +100,14 @@ def test_int8_qdq_per_channel_is_close_to_fp32(onnx_fp32, tmp_path, method):
     dst = quantize_onnx(onnx_fp32, tmp_path / "q.onnx", (calib[i:i + 32] for i in range(0, 128, 32)), method=method)
     q = count_qdq(dst)
     assert q["QuantizeLinear"] >= 10 and q["DequantizeLinear"] >= q["QuantizeLinear"]
-    fid = fidelity(create_backend("onnxruntime", onnx_fp32).run(check), create_backend("onnxruntime", dst).run(check))
-    # INT8 of a random-weight net on real images: SQNR well above noise level
-    assert fid["sqnr_db"] > 15, fid
+    ref, got = create_backend("onnxruntime", onnx_fp32).run(check), create_backend("onnxruntime", dst).run(check)
+    fid = fidelity(ref, got)
+    # INT8 of this random-BN net on real images: 30.1 dB (percentile) to 30.5 dB (minmax, entropy) measured on
+    # AVX-512 VNNI. ONNX Runtime's U8S8 math on 7-bit weights is exact integer math on VNNI and AVX2 alike, so
+    # other CPUs differ by float rounding only. Doubling one conv's weight scale in the file gives 10.4-15.4 dB.
+    assert fid["sqnr_db"] > 20, fid
+    # each input judged against its own max logit error: all 32 keep their class when their gap exceeds twice it
+    assert_margin_agreement(ref, got, min_decided=28, tol="per_input")
 
 
 def test_fp16_cast_parity(onnx_fp32, tmp_path):
@@ -106,6 +116,11 @@ def test_fp16_cast_parity(onnx_fp32, tmp_path):
     path = cast_fp16(onnx_fp32, tmp_path / "h.onnx")
     x = np.random.default_rng(1).standard_normal((8, 1, 28, 28)).astype(np.float32)
     ref, got = create_backend("onnxruntime", onnx_fp32).run(x), create_backend("onnxruntime", path).run(x)
+    # float32 in and out, half precision inside: every conv weight is stored as float16 (an unconverted model
+    # would pass the SQNR bound with infinite SQNR)
+    weights = [t for t in onnx.load(str(path)).graph.initializer if len(t.dims) == 4]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    # fp16's 11-bit mantissa: 66.3 dB measured
     assert got.dtype == np.float32 and fidelity(ref, got)["sqnr_db"] > 40
 
 
