@@ -65,8 +65,8 @@ def forgetting_report(labels, original, compressed, class_names: list[str] | Non
                     "top1_drop": round(drop, 3), "flag_threshold_recall_drop": round(threshold, 3),
                     "cie": int(cie.sum()), "gained": int(gained.sum()),
                     "cie_percent": round(float(cie.mean() * 100), 3),
-                    "macro_f1_original": round(float(fo[support > 0].mean()), 3),
-                    "macro_f1_compressed": round(float(fc[support > 0].mean()), 3)},
+                    "macro_f1_original": round(float(fo.mean()), 3),  # over all classes, as sklearn and the report
+                    "macro_f1_compressed": round(float(fc.mean()), 3)},
         "classes": rows,
         "flagged": [r["class"] for r in rows if r["flagged"]],
     }

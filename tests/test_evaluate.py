@@ -98,3 +98,18 @@ def test_inputs_that_do_not_fit_the_class_count_are_refused():
         classification_metrics(_logits(PRED, 4), np.array([0, 0, 0, 1, 1, 2, 2, 4]), 4)
     with pytest.raises(ValueError, match=r"logits of shape \(8, 4\) for 5 classes"):
         classification_metrics(_logits(PRED, 4), LABELS, 5)
+
+
+def test_fidelity_counts_agreement_only_where_the_tolerance_cannot_flip_the_argmax():
+    from deploykit.evaluate import fidelity
+
+    ref = np.array([[3.0, 1.0, 0.0], [1.0, 1.01, 0.0], [0.0, 2.0, 5.0]])
+    got = np.array([[2.9, 1.1, 0.0], [1.02, 1.0, 0.0], [0.0, 2.0, 5.0]])   # a near-tie flips within tolerance
+    fid = fidelity(ref, got, tol=0.1)
+    assert fid["top1_agreement"] == pytest.approx(200 / 3, abs=1e-3)
+    # gaps 2.0, 0.01, 3.0 against 2 * 0.1: the near-tie is left out, the other two are decided and agree
+    assert (fid["decided_inputs"], fid["decided_agreement"]) == (2, 100.0)
+    got[2] = [0.0, 6.0, 5.0]                                               # an error beyond tolerance flips input 2
+    fid = fidelity(ref, got, tol=0.1)
+    assert (fid["decided_inputs"], fid["decided_agreement"]) == (2, 50.0)
+    assert "decided_agreement" not in fidelity(ref, got)                   # no tolerance, no gate number

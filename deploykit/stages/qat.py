@@ -242,6 +242,7 @@ class QatConfig(DistillConfig):
     min_agreement_with_fake_quant: float = Field(
         99.0, ge=0, le=100, description="% top-1 agreement of the ONNX export (reference QDQ semantics) with the "
                                         "torch fake-quant model")
+    min_sqnr_vs_fake_quant: float = Field(20.0, description="SQNR (dB) of the export vs the fake-quant model")
 
 
 @register("qat")
@@ -291,11 +292,16 @@ class Qat(Stage):
         # requantization their own way; on a fragile model that alone moves logits (QAT tf_efficientnet_lite0 on
         # Fashion-MNIST-LT vs its fake-quant model: 100% / 34.7 dB on the reference semantics, 94.5% / 22.6 dB
         # with ORT's fused kernels), so the kernels are judged by accuracy, like every INT8 model, not here.
-        vs_fake_quant = fidelity(fq, _run_reference_semantics(dst, x))
-        if vs_fake_quant["top1_agreement"] < c.min_agreement_with_fake_quant:
+        # tolerance: requantization rounding moves logits by well under 5% of their range
+        vs_fake_quant = fidelity(fq, _run_reference_semantics(dst, x), tol=0.05 * float(np.abs(fq).max()))
+        # Agreement where rounding cannot flip the argmax, and SQNR: weights the export failed to bake gave
+        # 15-19 dB against the fake-quant model, correct exports 23-43 dB (AVX2 and AVX-512 machines).
+        if (vs_fake_quant["decided_agreement"] < c.min_agreement_with_fake_quant
+                or vs_fake_quant["sqnr_db"] < c.min_sqnr_vs_fake_quant):
             raise ParityError(f"the QAT ONNX export agrees with its torch fake-quant model on only "
-                              f"{vs_fake_quant['top1_agreement']:.1f}% of inputs "
-                              f"(limit {c.min_agreement_with_fake_quant}%)",
+                              f"{vs_fake_quant['decided_agreement']:.1f}% of the inputs it decides clearly "
+                              f"(limit {c.min_agreement_with_fake_quant}%) at SQNR {vs_fake_quant['sqnr_db']:.1f} dB "
+                              f"(limit {c.min_sqnr_vs_fake_quant})",
                               fix="report the model as a bug; meanwhile use the int8-ptq recipe")
         run = lambda p: np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64])  # noqa: E731
                                         for i in range(0, len(x), 64)])
