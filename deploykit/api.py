@@ -85,6 +85,9 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     loaded = load_model(checkpoint, mc, model)
     for note in loaded.notes:
         console.print(f"[dim]checkpoint:[/] {note}")
+    stages = [STAGES.get(spec.name)(spec.config) for spec in recipe.stages]
+    for stage in stages:  # refuse what a stage cannot do before any data is read or any stage runs
+        stage.preflight(loaded.model)
     recorded = registered_name(loaded.hints.get("dataset"))
     if recipe.data.name is None and recorded:
         console.print(f"[dim]data:[/] using {recorded!r}, the dataset recorded in the checkpoint "
@@ -111,11 +114,11 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
         teacher = loaded.model.eval()
         state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
                               data=data, target=recipe.target, log=console.print,
-                              inputs=stage_inputs(teacher, pre, data, recipe.data, console, notes))
+                              inputs=stage_inputs(teacher, pre, data, recipe.data, console, notes),
+                              model_kwargs=dict(loaded.model_kwargs or {}))
 
         lineage = []
-        for spec in recipe.stages:
-            stage = STAGES.get(spec.name)(spec.config)
+        for spec, stage in zip(recipe.stages, stages):
             with console.status(f"stage {spec.name}..."):
                 t0 = time.perf_counter()
                 facts = stage.run(state)

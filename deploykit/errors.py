@@ -35,6 +35,10 @@ class ParityError(DeployKitError):
     """An exported or quantized model disagrees with its source beyond the stated tolerance."""
 
 
+class UnsupportedModelError(DeployKitError):
+    """A stage cannot handle this model's layers (e.g. pruning an attention type Torch-Pruning cannot resize)."""
+
+
 class ArtifactError(DeployKitError):
     """An artifact directory is missing, incomplete, or would overwrite something."""
 

@@ -65,7 +65,7 @@ class Requantizer:
 
     def __init__(self, fp32: Path, workdir: Path, calibration: Iterable[np.ndarray], *, method: str = "minmax",
                  per_channel: bool = True, activation_type: str = "uint8", weight_type: str = "int8",
-                 reduce_range: bool = True, input_name: str = "input"):
+                 reduce_range: bool = True, op_types: list[str] | None = None, input_name: str = "input"):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         self.dir = Path(workdir)
@@ -75,7 +75,7 @@ class Requantizer:
         self.cache = self.dir / "guard.calibration.json"
         self.cache.unlink(missing_ok=True)
         self.kw = dict(method=method, per_channel=per_channel, activation_type=activation_type,
-                       weight_type=weight_type, reduce_range=reduce_range)
+                       weight_type=weight_type, reduce_range=reduce_range, op_types=op_types)
         self.input_name = input_name
         self._calibration = list(calibration)
         self.quantize([], self.dir / "guard.all.onnx")   # fills the calibration cache
@@ -114,7 +114,7 @@ class Requantizer:
     def quantize(self, exclude: list[str], dst: Path) -> Path:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        from .stages.quantize_onnx import calibration_reader
+        from .stages.quantize_onnx import calibration_reader, quant_extra_options
 
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         quantize_static(str(self.pre), str(dst), calibration_reader(self._calibration, self.input_name),
@@ -123,7 +123,9 @@ class Requantizer:
                         weight_type=types[self.kw["weight_type"]], reduce_range=self.kw["reduce_range"],
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[self.kw["method"]],
-                        nodes_to_exclude=list(exclude), calibration_cache_path=str(self.cache))
+                        nodes_to_exclude=list(exclude), calibration_cache_path=str(self.cache),
+                        op_types_to_quantize=self.kw["op_types"],
+                        extra_options=quant_extra_options(self.kw["method"], 99.999))
         return dst
 
 

@@ -25,7 +25,9 @@ from .errors import CheckpointError
 FORMAT = "deploykit.pruned/1"
 # Module attributes that describe channel counts; anything else about a module is set by its constructor.
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-               "normalized_shape", "num_channels", "num_groups", "embed_dim", "head_hidden_size")
+               "normalized_shape", "num_channels", "num_groups", "embed_dim", "head_hidden_size",
+               "num_heads", "head_dim", "attn_dim", "kdim", "vdim")
+FLOAT_ATTRS = ("scale",)  # attention scale: 1/sqrt(head_dim) of the pruned heads
 
 
 def module_shapes(model) -> dict[str, dict]:
@@ -39,6 +41,10 @@ def module_shapes(model) -> dict[str, dict]:
                 continue
             if isinstance(v, int) or (isinstance(v, (tuple, list)) and all(isinstance(i, int) for i in v)):
                 attrs[a] = list(v) if isinstance(v, (tuple, list)) else v
+        for a in FLOAT_ATTRS:
+            v = mod.__dict__.get(a)
+            if isinstance(v, float) and attrs:
+                attrs[a] = v
         tensors = {k: list(t.shape) for k, t in list(mod._parameters.items()) + list(mod._buffers.items())
                    if t is not None}
         if attrs or tensors:

@@ -38,6 +38,10 @@ class Stage(ABC):
     def run(self, state: PipelineState) -> dict:
         """Do the work; return JSON-able facts for the report (parity numbers, sizes, choices)."""
 
+    def preflight(self, model) -> None:
+        """Refuse, with a DeployKitError, a model this stage cannot handle; cheap (no data, no pruning or
+        export). ``compress`` calls it for every stage right after loading the model, before any stage runs."""
+
 
 def register(name: str):
     """Register a Stage subclass under ``name`` and set its ``name`` attribute."""

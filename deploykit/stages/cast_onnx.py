@@ -29,6 +29,16 @@ def cast_fp16(src: Path, dst: Path) -> Path:
     from onnxconverter_common import float16
 
     model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    # onnxconverter-common retypes a Cast's output to float16 but leaves its ``to=FLOAT``: ONNX Runtime then refuses
+    # the model ("Type (tensor(float16)) of output arg ... Cast_output_0"). timm's ViT and EfficientViT attention
+    # cast a shape-derived scale to float; such Casts must produce float16 like the rest of the graph.
+    fp16_values = {v.name for v in model.graph.value_info
+                   if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16_values:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16
     onnx.save(model, str(dst))
     return dst
 

@@ -43,6 +43,7 @@ class Distill(Stage):
                  "stopped_early": res.stopped_early, "resumed_from_epoch": res.resumed_from,
                  "world_size": res.world_size, "balance": self.config.balance}
         if timm_arch(model):
-            save_pruned(model, state.workdir / DISTILLED_FILE, in_chans=state.preprocessing.channels)
+            save_pruned(model, state.workdir / DISTILLED_FILE, in_chans=state.preprocessing.channels,
+                        model_kwargs=state.model_kwargs)
             facts["file"] = DISTILLED_FILE
         return facts

@@ -6,6 +6,14 @@ channels, and the pruner removes the weakest so that every pruned layer keeps a 
 ``round_to`` channels (ragged counts fall off the fast vectorised kernels of ONNX Runtime/oneDNN).
 The classifier head and the user's ``ignore`` layers keep their output channels.
 
+Vision transformers: timm's standard ``Attention`` (ViT, DeiT, and the other models built from it) and
+``nn.MultiheadAttention`` are pruned the way Torch-Pruning documents for timm ViTs: the qkv projection is
+grouped by head (``num_heads``), each head keeps the same number of dimensions, and the module's ``head_dim`` /
+``attn_dim`` / ``scale`` are updated afterwards; the embedding width and MLP hidden width shrink like channels.
+Attention types whose head count or split sizes Torch-Pruning cannot resize (Swin's WindowAttention,
+MobileViT's LinearSelfAttention, LeViT's and EfficientViT's attention, qk-normed or gated timm attention) are
+refused up front (``check_prunable``, run by ``preflight`` before any stage), with one line naming the layer.
+
 The target is either a channel ratio (``ratio: 0.3`` = remove 30% of prunable channels per layer) or
 a MACs reduction (``macs_reduction: 0.5`` = remove half the multiply-accumulates): the latter is met
 by bisection on the ratio, each trial pruning a fresh copy.
@@ -18,17 +26,71 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Literal
 
 import numpy as np
 
 from pydantic import Field, model_validator
 
-from ..errors import RecipeError
+from ..errors import DeployKitError, RecipeError, UnsupportedModelError
 from .config import StageConfig
 from .base import PipelineState, Stage, register
 
 PRUNED_FILE = "model.pruned.pth"
+# Attention modules pruned with head grouping (qkv projection, output reshape by attn_dim).
+_TIMM_ATTENTION = "timm.layers.attention.Attention"
+# Token mixers Torch-Pruning resizes inconsistently although their names say nothing of attention.
+_UNSUPPORTED_MIXERS = {"LiteMLA": "EfficientViT's multi-scale linear attention"}
+
+
+def _qualname(module) -> str:
+    return f"{type(module).__module__}.{type(module).__name__}"
+
+
+def _is_attention(module) -> bool:
+    import torch
+
+    return (isinstance(module, torch.nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+            or isinstance(getattr(module, "num_heads", None), int) or type(module).__name__ in _UNSUPPORTED_MIXERS)
+
+
+def _supported_attention(module) -> str | None:
+    """None when ``prune`` can resize this attention module, else why not."""
+    import torch
+
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return None
+    if _qualname(module) == _TIMM_ATTENTION:
+        extras = [n for n in ("q_norm", "k_norm", "norm") if not isinstance(getattr(module, n, None),
+                                                                            (torch.nn.Identity, type(None)))]
+        if getattr(module, "gate", None) is not None:
+            extras.append("gate")
+        return f"its {'/'.join(extras)} layers are per head and not resized" if extras else None
+    return _UNSUPPORTED_MIXERS.get(type(module).__name__, "Torch-Pruning does not resize its heads or split sizes")
+
+
+def check_prunable(model) -> None:
+    """Raise UnsupportedModelError, naming the first layer of each kind, when ``model`` has attention this stage
+    cannot prune; cheap (walks the modules, runs nothing), so it runs before any stage does work."""
+    bad: dict[str, list] = {}
+    for name, m in model.named_modules():
+        if not name or not _is_attention(m):
+            continue
+        # a block that *holds* a supported attention module and stores num_heads for it is not itself a mixer
+        if not type(m).__name__.endswith("Attention") and any(
+                _is_attention(c) and _supported_attention(c) is None for c in m.children()):
+            continue
+        why = _supported_attention(m)
+        if why is not None:
+            bad.setdefault(_qualname(m).removeprefix("timm.models."), [name, why, 0])[2] += 1
+    if bad:
+        kind, (first, why, n) = next(iter(bad.items()))
+        more = f" and {n - 1} more" if n > 1 else ""
+        others = f"; also {', '.join(list(bad)[1:])}" if len(bad) > 1 else ""
+        raise UnsupportedModelError(
+            f"prune cannot resize {kind} layers ('{first}'{more}{others}): {why}",
+            fix="compress without pruning (--int8), or prune a CNN or a ViT/DeiT built from timm's Attention")
 
 
 def count_macs_params(model, input_size: tuple[int, int, int]) -> tuple[int, int]:
@@ -61,6 +123,9 @@ def _prune_once(model, input_size, ratio: float, round_to: int, ignore: list[str
     import torch_pruning as tp
 
     ignored = classifier_modules(model)
+    dist = getattr(model, "head_dist", None)  # DeiT distilled: a second classifier
+    if isinstance(dist, torch.nn.Linear):
+        ignored.append(dist)
     names = dict(model.named_modules())
     for n in ignore:
         if n not in names:
@@ -70,9 +135,24 @@ def _prune_once(model, input_size, ratio: float, round_to: int, ignore: list[str
         ignored.append(names[n])
     imp = tp.importance.MagnitudeImportance(p=2 if importance == "l2" else 1)
     model.eval()
-    pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_size), importance=imp, pruning_ratio=ratio,
-                                  ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning)
-    pruner.step()
+    # timm Attention: prune head dimensions, the same number in every head (Torch-Pruning's timm ViT recipe)
+    attention = [m for m in model.modules() if _qualname(m) == _TIMM_ATTENTION]
+    num_heads = {m.qkv: m.num_heads for m in attention}
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            num_heads[m] = m.num_heads
+    with warnings.catch_warnings():
+        # ViT's cls_token / pos_embed: Torch-Pruning prunes their last dimension, the embedding width, as it should
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_size), importance=imp, pruning_ratio=ratio,
+                                      ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
+                                      num_heads=num_heads, prune_head_dims=True, prune_num_heads=False)
+        pruner.step()
+    for m in attention:
+        m.num_heads = pruner.num_heads[m.qkv]
+        m.attn_dim = m.qkv.out_features // 3
+        m.head_dim = m.attn_dim // m.num_heads
+        m.scale = m.head_dim ** -0.5   # what the fused (SDPA) path uses for the new head size; keep both paths equal
     return model
 
 
@@ -88,6 +168,7 @@ def prune_model(model, input_size: tuple[int, int, int], *, ratio: float | None 
     """
     if (ratio is None) == (macs_reduction is None):
         raise RecipeError("prune needs exactly one of ratio or macs_reduction", fix="set one, e.g. ratio: 0.5")
+    check_prunable(model)
     ignore = list(ignore or [])
     macs0, params0 = count_macs_params(model, input_size)
     trials = []
@@ -141,6 +222,9 @@ class Prune(Stage):
                 self.macs_reduction = 0.5
             return self
 
+    def preflight(self, model) -> None:
+        check_prunable(model)
+
     def run(self, state: PipelineState) -> dict:
         import torch
 
@@ -149,17 +233,28 @@ class Prune(Stage):
         c = self.config
         pre = state.preprocessing
         x = torch.from_numpy(state.check_inputs()[:8])
-        model, facts = prune_model(state.model, pre.input_size, ratio=c.ratio, macs_reduction=c.macs_reduction,
-                                   round_to=c.round_to, ignore=c.ignore, importance=c.importance,
-                                   global_pruning=c.global_pruning)
-        with torch.inference_mode():
-            out = model.eval()(x)
-            ref = state.teacher(x)
+        arch = timm_arch(state.model) or type(state.model).__name__
+        try:
+            model, facts = prune_model(state.model, pre.input_size, ratio=c.ratio, macs_reduction=c.macs_reduction,
+                                       round_to=c.round_to, ignore=c.ignore, importance=c.importance,
+                                       global_pruning=c.global_pruning)
+            with torch.inference_mode():
+                out = model.eval()(x)
+                ref = state.teacher(x)
+        except DeployKitError:
+            raise
+        except Exception as err:  # a layer Torch-Pruning resized inconsistently: one line, not a traceback
+            raise UnsupportedModelError(
+                f"pruning {arch} failed: {type(err).__name__}: {' '.join(str(err).split())[:240]}",
+                fix="list the layer it names (or its block) in prune.ignore, or compress without pruning "
+                    "(--int8)") from None
         if out.shape != ref.shape:
-            raise RuntimeError(f"pruning changed the output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
+            raise UnsupportedModelError(f"pruning {arch} changed the output shape {tuple(ref.shape)} -> "
+                                        f"{tuple(out.shape)}", fix="compress without pruning (--int8)")
         state.model = model
         if timm_arch(model):
-            save_pruned(model, state.workdir / PRUNED_FILE, num_classes=out.shape[1], in_chans=pre.channels)
+            save_pruned(model, state.workdir / PRUNED_FILE, num_classes=out.shape[1], in_chans=pre.channels,
+                        model_kwargs=state.model_kwargs)
             facts["file"] = PRUNED_FILE
         facts["top1_agreement_before_finetune"] = round(float((out.argmax(1) == ref.argmax(1)).float().mean()) * 100, 2)
         state.log(f"pruned: MACs {facts['macs_before'] / 1e6:.1f}M -> {facts['macs_after'] / 1e6:.1f}M, "

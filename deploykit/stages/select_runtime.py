@@ -207,7 +207,16 @@ class SelectRuntime(Stage):
             raise RecipeError("select_runtime needs the float ONNX model",
                               fix="put export_onnx before it in the recipe")
         cands = state.runtime_candidates(c.candidates, bf16=_wants_bf16(c.bf16))
-        backends = {cand.name: cand.create(c.threads) for cand in cands}
+        backends, cannot_run = {}, {}
+        for cand in cands:
+            try:
+                backends[cand.name] = cand.create(c.threads)
+            except Exception as err:  # e.g. a BF16 hint the CPU advertises but its kernels refuse: skip, say why
+                if cand.name == REFERENCE:
+                    raise
+                cannot_run[cand.name] = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+                state.log(f"[yellow]select_runtime: {cand.name} cannot run here ({cannot_run[cand.name]})[/]")
+        cands = [cand for cand in cands if cand.name in backends]
         timed = {n: be.run for n, be in backends.items()}
         if c.time_torch:
             from ..backends import create_backend
@@ -274,9 +283,13 @@ class SelectRuntime(Stage):
             row["verdict"] = decision["verdicts"][row["name"]]
             row["score"] = decision["scores"][row["name"]]
         chosen = next(cand for cand in cands if cand.name == decision["chosen"])
+        reason = decision["reason"]
+        if state.withheld:  # models that failed their own stage's fidelity check never became candidates
+            reason += "; not candidates: " + "; ".join(f"{k} ({why})" for k, why in state.withheld.items())
         self._apply(state, chosen, rows)
-        state.log(f"select_runtime: {chosen.name} ({decision['reason']})")
-        return {"chosen": chosen.name, "reason": decision["reason"], "objective": c.objective,
+        state.log(f"select_runtime: {chosen.name} ({reason})")
+        return {"chosen": chosen.name, "reason": reason, "withheld": dict(state.withheld), "cannot_run": cannot_run,
+                "objective": c.objective,
                 "inputs": int(len(ref_out)), "inputs_kind": "evaluation images" if labels is not None
                 else "held-out synthetic inputs", "threads": backends[REFERENCE].threads, "candidates": rows,
                 "baselines": {TORCH: {"latency_ms": latency[TORCH], "runs": runs[TORCH]}} if TORCH in latency else {},

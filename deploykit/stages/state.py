@@ -47,10 +47,12 @@ class QuantSettings:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     reduce_range: bool = True
+    op_types: tuple[str, ...] | None = None   # None: every op ONNX Runtime quantizes (the CNN default)
 
     def as_kwargs(self) -> dict[str, Any]:
         return {"method": self.method, "per_channel": self.per_channel, "activation_type": self.activation_type,
-                "weight_type": self.weight_type, "reduce_range": self.reduce_range}
+                "weight_type": self.weight_type, "reduce_range": self.reduce_range,
+                "op_types": list(self.op_types) if self.op_types else None}
 
 
 @dataclass
@@ -112,6 +114,10 @@ class PipelineState:
     runtime: RuntimeChoice = field(default_factory=RuntimeChoice)
     models: dict[str, Path] = field(default_factory=dict)   # ModelKind -> file: runtime candidates come from here
     quantization: QuantSettings | None = None      # set by quantize_onnx
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs of the checkpoint's
+                                                                # model: pruned files are rebuilt with them
+    withheld: dict[str, str] = field(default_factory=dict)  # ModelKind -> why a stage kept its model out of the
+                                                            # runtime candidates (failed its fidelity check)
     validation_indices: np.ndarray | None = None   # train images a fine-tuning stage held out (never trained on)
     inputs: StageInputs = field(default_factory=StageInputs)
     log: Callable[[str], None] = print
@@ -121,7 +127,9 @@ class PipelineState:
         self.models[kind] = Path(path)
 
     def runtime_candidates(self, names: list[str] | None = None, *, bf16: bool = False) -> list[RuntimeCandidate]:
-        """Every registered runtime variant whose model exists, in registry order.
+        """Every registered runtime variant whose model exists: the reference first, then simplest first (float
+        before reduced precision, then by backend and name), whatever order the backend modules were imported in:
+        runtime selection gives a tie to the earlier, simpler candidate.
 
         Args:
             names: keep only these variants (and the FP32 reference, which every score is relative to).
@@ -136,7 +144,9 @@ class PipelineState:
             if names is not None and name not in names and name != REFERENCE:
                 continue
             out.append(RuntimeCandidate(variant, self.models[variant.model]))
-        return out
+        simplest = {"fp32": 0, "fp16": 1, "bf16": 1, "int8": 2}
+        return sorted(out, key=lambda c: (c.name != REFERENCE, simplest.get(c.variant.precision, 3),
+                                          c.variant.retrained, c.variant.backend, c.name))
 
     def calibration_inputs(self) -> np.ndarray:
         """Preprocessed calibration images (real, or synthesized from BN statistics when data-free)."""
