@@ -82,7 +82,7 @@ def test_timm_train_checkpoint_prefers_ema(tmp_path, source, x):
     loaded = load_checkpoint(path)
 
     assert (loaded.arch, loaded.num_classes, loaded.in_chans, loaded.weights) == (ARCH, 10, 1, "state_dict_ema")
-    assert "using EMA weights (state_dict_ema)" in loaded.notes
+    assert any(n.startswith("using EMA weights (state_dict_ema)") for n in loaded.notes)
     assert_same_model(loaded, ema, x)
     assert not torch.allclose(outputs(loaded.model, x), outputs(source, x))
     assert loaded.class_names == CLASSES
@@ -294,8 +294,8 @@ def test_shape_mismatch_lists_shapes(tmp_path, source):
     torch.save(source.state_dict(), tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match=(
             r"does not fit resnet10t\(num_classes=5, in_chans=1, channels=\[8, 16, 32, 64\]\): 2 shape mismatches "
-            r"\(fc\.weight: ckpt \[10, 64\] vs model \[5, 64\]; fc\.bias: ckpt \[10\] vs model \[5\]\)\. "
-            r"Fix: pass the right --arch/--num-classes/--in-chans")):
+            r"\(fc\.weight: ckpt \[10, 64\] vs model \[5, 64\]; fc\.bias: ckpt \[10\] vs model \[5\]\), "
+            r"its classifier \(fc\.weight\) has 10 outputs, not 5\. Fix: pass --num-classes 10")):
         load_checkpoint(tmp_path / "w.pth", arch=ARCH, num_classes=5, model_kwargs=TINY)
 
 
