@@ -35,6 +35,10 @@ class ParityError(DeployKitError):
     """An exported or quantized model disagrees with its source beyond the stated tolerance."""
 
 
+class RuntimeUnavailable(DeployKitError):
+    """This machine's runtime cannot execute what was asked (e.g. BF16 on a CPU whose kernels refuse it)."""
+
+
 class UnsupportedModelError(DeployKitError):
     """A stage cannot handle this model's layers (e.g. pruning an attention type Torch-Pruning cannot resize)."""
 

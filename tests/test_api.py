@@ -126,13 +126,21 @@ def test_overwrite_replaces_only_when_complete(tiny_ckpt, tmp_path):
     assert res.manifest["runtime"]["precision"] == "fp32"
 
 
-def test_bf16_and_fp16_recipes_pass_parity(tiny_ckpt, tmp_path):
-    for name, backend in (("bf16", "openvino"), ("fp16", "onnxruntime")):
+@pytest.mark.parametrize("name, backend", [("bf16", "openvino"), ("fp16", "onnxruntime")])
+def test_bf16_and_fp16_recipes_pass_parity(tiny_ckpt, tmp_path, name, backend):
+    from deploykit.errors import RuntimeUnavailable
+
+    try:
         res = compress(tiny_ckpt, name, out=tmp_path / name, eval__enabled=False, data__synthetic_images=4,
                        data__synthetic_steps=0, data__check_images=16)
-        facts = res.report["stage_facts"]["cast"]
-        assert facts["runtime"]["backend"] == backend and facts["parity"]["top1_agreement"] >= 98.0
-        assert Artifact.open(res.path).backend().run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    except RuntimeUnavailable as err:  # the stated refusal, e.g. under ONEDNN_MAX_CPU_ISA=AVX2 on an AMX CPU
+        assert name == "bf16" and "OpenVINO cannot run BF16 on this CPU" in str(err)
+        pytest.skip(str(err))
+    facts = res.report["stage_facts"]["cast"]
+    # the contract: every logit within the stated tolerance of FP32 (agreement of a random net flips on near-ties)
+    assert facts["runtime"]["backend"] == backend
+    assert facts["parity"]["max_abs_logit_diff"] <= facts["parity"]["tolerance"]
+    assert Artifact.open(res.path).backend().run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
 
 
 def test_class_count_mismatch_is_caught_before_work(tmp_path):

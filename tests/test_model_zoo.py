@@ -218,7 +218,9 @@ def test_custom_module_with_attention(tmp_path, capsys):
     res = compress(None, "int8-ptq", model=_custom_module(), out=tmp_path / "custom.deploykit",
                    console=Console(quiet=True), model__input_size=(32, 32), model__mean=[0.5], model__std=[0.5],
                    model__crop_pct=1.0, **FAST)
-    summary = _check_artifact(res, "transformer", ("int8-qdq", "openvino-int8"))
+    # ORT INT8 must survive; NNCF's INT8 of this random attention net measured 40.6 dB on AMX but 10.2 dB under
+    # ONEDNN_MAX_CPU_ISA=AVX2, where it is withheld and named (the check above), not shipped
+    summary = _check_artifact(res, "transformer", ("int8-qdq",))
     assert res.report["stage_facts"]["fuse_bn"]["pairs_fused"] == 2
     with capsys.disabled():
         print(f"\n[zoo] custom: {summary}")
@@ -352,8 +354,14 @@ def test_float16_recipes_on_transformers(name, recipe, tmp_path):
 
     fam = next(f for f in FAMILIES if f.name == name)
     ckpt = _save(fam, tmp_path / f"{name}.pth")
-    res = compress(ckpt, recipe, out=tmp_path / "a", console=Console(quiet=True), data__name="digits",
-                   data__check_images=32, eval__enabled=False)
+    from deploykit.errors import RuntimeUnavailable
+
+    try:
+        res = compress(ckpt, recipe, out=tmp_path / "a", console=Console(quiet=True), data__name="digits",
+                       data__check_images=32, eval__enabled=False)
+    except RuntimeUnavailable as err:  # the stated refusal, e.g. under ONEDNN_MAX_CPU_ISA=AVX2 on an AMX CPU
+        assert recipe == "bf16" and "OpenVINO cannot run BF16 on this CPU" in str(err)
+        pytest.skip(str(err))
     art = Artifact.open(res.path)
     x = art.preprocessing.from_uint8(load_digits_splits(0)[1].images[:64])
     ref = create_backend("onnxruntime", art.path / "model.fp32.onnx").run(x)

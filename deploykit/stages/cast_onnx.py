@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..errors import ParityError
+from ..errors import ParityError, RuntimeUnavailable
 from .config import StageConfig
 from .base import PipelineState, RuntimeChoice, Stage, register
 from .export_onnx import check_parity
@@ -66,8 +66,14 @@ class Cast(Stage):
             backend, runtime = create_backend("onnxruntime", path, precision="fp16"), RuntimeChoice("onnxruntime")
         else:
             path = src
-            backend = create_backend("openvino", path, precision="bf16")
             runtime = RuntimeChoice("openvino", {"precision": "bf16"})
+            try:  # a CPU may advertise BF16 and still refuse it (oneDNN limited by ONEDNN_MAX_CPU_ISA, old kernels)
+                backend = create_backend("openvino", path, precision="bf16")
+                backend.run(x[:1])
+            except RuntimeError as err:
+                raise RuntimeUnavailable(f"OpenVINO cannot run BF16 on this CPU ({' '.join(str(err).split())[:160]})",
+                                         fix="use --int8 or --fp32 here, or run the bf16 recipe on a CPU with "
+                                             "AVX512-BF16 or AMX") from None
         got = np.concatenate([backend.run(x[i:i + 64]) for i in range(0, len(x), 64)])
         fid = check_parity(ref, got, c.atol, c.min_top1_agreement, f"{c.dtype} model")
         state.onnx_path, state.precision, state.runtime = path, c.dtype, runtime

@@ -208,10 +208,13 @@ class SelectRuntime(Stage):
                               fix="put export_onnx before it in the recipe")
         cands = state.runtime_candidates(c.candidates, bf16=_wants_bf16(c.bf16))
         backends, cannot_run = {}, {}
+        probe = state.check_inputs()[:1]
         for cand in cands:
             try:
                 backends[cand.name] = cand.create(c.threads)
+                backends[cand.name].run(probe)  # some refusals only come at the first inference
             except Exception as err:  # e.g. a BF16 hint the CPU advertises but its kernels refuse: skip, say why
+                backends.pop(cand.name, None)
                 if cand.name == REFERENCE:
                     raise
                 cannot_run[cand.name] = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
