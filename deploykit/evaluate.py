@@ -106,3 +106,20 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, tol: float | None = N
         out.update({"tolerance": float(tol), "decided_inputs": int(decided.sum()),
                     "decided_agreement": round(float(agree[decided].mean() * 100), 4) if decided.any() else 100.0})
     return out
+
+
+def int8_fidelity_problem(fid: dict, min_top1_agreement: float, min_sqnr_db: float) -> str | None:
+    """The one rule every INT8 stage applies to its model against FP32 (None: it passes).
+
+    A model fails only when agreement *and* SQNR are both low: agreement alone is a poor alarm on near-tied
+    logits (random weights, synthetic inputs), where SQNR is not fooled; SQNR alone misses a model whose error
+    concentrates on the deciding logits.
+
+    Example:
+        >>> int8_fidelity_problem({"top1_agreement": 75.0, "sqnr_db": 14.9}, 90.0, 20.0)
+        'agrees with FP32 on only 75.0% of inputs (limit 90.0%) at SQNR 14.9 dB (limit 20.0)'
+    """
+    if fid["top1_agreement"] < min_top1_agreement and fid["sqnr_db"] < min_sqnr_db:
+        return (f"agrees with FP32 on only {fid['top1_agreement']:.1f}% of inputs (limit {min_top1_agreement}%) "
+                f"at SQNR {fid['sqnr_db']:.1f} dB (limit {min_sqnr_db})")
+    return None

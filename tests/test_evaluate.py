@@ -113,3 +113,21 @@ def test_fidelity_counts_agreement_only_where_the_tolerance_cannot_flip_the_argm
     fid = fidelity(ref, got, tol=0.1)
     assert (fid["decided_inputs"], fid["decided_agreement"]) == (2, 50.0)
     assert "decided_agreement" not in fidelity(ref, got)                   # no tolerance, no gate number
+
+
+def test_the_data_free_int8_rule_matches_real_photos_on_the_measured_cases():
+    """bench/results/datafree_lite0.json: EfficientNet-Lite0 (ImageNet weights) quantized without data. The stages'
+    data-free rule on the synthetic check set must give the verdict 20 real photos gave (pass: >= 19/20 agree)."""
+    import json
+    from pathlib import Path
+
+    from deploykit.evaluate import int8_fidelity_problem
+    from deploykit.stages.quantize_onnx import QuantizeOnnx
+    from deploykit.stages.quantize_openvino import QuantizeOpenVino
+
+    runs = json.loads((Path(__file__).parent.parent / "bench/results/datafree_lite0.json").read_text())["runs"]
+    for cfg in (QuantizeOnnx.Config(), QuantizeOpenVino.Config()):
+        for run in runs:
+            for m in run["models"]:
+                verdict = int8_fidelity_problem(m["synthetic"], cfg.min_top1_agreement, cfg.min_sqnr_db_data_free) is None
+                assert verdict == (m["real"]["agree_of_20"] >= 19), (m["model"], m["synthetic"], m["real"])

@@ -170,10 +170,14 @@ class QuantizeOnnx(Stage):
         # Argmax agreement alone is a poor alarm when logits are near-tied (random weights, 1000 classes on
         # synthetic inputs: timm resnet50 agreed on 87.5% at 36 dB SQNR); SQNR is not fooled by ties.
         min_sqnr_db: float = Field(20.0, description="signal-to-quantization-noise ratio vs FP32 that still passes")
+        # Data-free check inputs are synthesized near decision boundaries, so agreement under-reads there and SQNR
+        # is what transfers to real images: EfficientNet-Lite0 (ImageNet weights), data-free, NNCF INT8 17.8 dB on
+        # the synthetic set and 19/20 real photos agreeing; ORT INT8 2.4 dB and 15/20 (bench/results/datafree_lite0.md)
+        min_sqnr_db_data_free: float = Field(15.0, description="the SQNR floor when calibrating without data")
 
     def run(self, state: PipelineState) -> dict:
         from ..backends import create_backend
-        from ..evaluate import fidelity
+        from ..evaluate import fidelity, int8_fidelity_problem
 
         c = self.config
         if state.onnx_path is None:
@@ -206,9 +210,10 @@ class QuantizeOnnx(Stage):
                                   f"ONNX Runtime could not quantize or run the INT8 model ({why})")
         fid = fidelity(ref, got)
         facts.update(qdq=count_qdq(dst), fidelity_vs_fp32=fid)
-        if fid["top1_agreement"] < c.min_top1_agreement and fid["sqnr_db"] < c.min_sqnr_db:
-            problem = (f"INT8 model agrees with FP32 on only {fid['top1_agreement']:.1f}% of inputs "
-                       f"(limit {c.min_top1_agreement}%) at SQNR {fid['sqnr_db']:.1f} dB (limit {c.min_sqnr_db})")
+        problem = int8_fidelity_problem(fid, c.min_top1_agreement,
+                                        c.min_sqnr_db if state.data is not None else c.min_sqnr_db_data_free)
+        if problem:
+            problem = f"INT8 model {problem}"
             if c.on_fidelity_failure == "error":
                 raise ParityError(problem, fix="calibrate on real data (--data), try --calibration-method "
                                                "entropy/percentile, or exclude sensitive nodes")

@@ -110,6 +110,10 @@ class QuantizeOpenVino(Stage):
         min_top1_agreement: float = Field(90.0, ge=0, le=100, description="vs FP32 ONNX; below this *and* below "
                                                                           "min_sqnr_db the run fails")
         min_sqnr_db: float = Field(20.0, description="SQNR vs FP32 that excuses a low agreement on near-tied logits")
+        # Data-free check inputs are synthesized near decision boundaries, so agreement under-reads there and SQNR
+        # is what transfers to real images: EfficientNet-Lite0 (ImageNet weights), data-free, NNCF INT8 17.8 dB on
+        # the synthetic set and 19/20 real photos agreeing; ORT INT8 2.4 dB and 15/20 (bench/results/datafree_lite0.md)
+        min_sqnr_db_data_free: float = Field(15.0, description="the SQNR floor when calibrating without data")
         threads: int | None = Field(None, ge=1, description="OpenVINO threads for the parity check")
         on_fidelity_failure: Literal["error", "withhold"] = Field(
             "error", description="when the INT8 model fails the check: error (exit 2), or withhold it from the "
@@ -139,11 +143,12 @@ class QuantizeOpenVino(Stage):
         # 24.5 dB / 95% without. "auto" keeps NNCF's default and retries without it only when the check fails.
         tries = [c.smooth_quant != "off"] + ([False] if c.smooth_quant == "auto" and model_type == "transformer"
                                              else [])
+        min_sqnr = c.min_sqnr_db if state.data is not None else c.min_sqnr_db_data_free
         for fmt in formats:
             dst = state.workdir / (IR_FILE if fmt == "ir" else ONNX_FILE)
             outputs[fmt], attempts[fmt] = dst.name, []
             for sq in tries:
-                fid, problem = self._attempt(src, dst, calib, x, ref, fmt, model_type, sq)
+                fid, problem = self._attempt(src, dst, calib, x, ref, fmt, model_type, sq, min_sqnr)
                 attempts[fmt].append({"smooth_quant": sq, "sqnr_db": fid and fid["sqnr_db"],
                                       "top1_agreement": fid and fid["top1_agreement"], "problem": problem})
                 if problem is None:
@@ -173,10 +178,11 @@ class QuantizeOpenVino(Stage):
                 "calibration_images": int(min(c.subset_size, len(calib))),
                 "fidelity_vs_fp32": fids[formats[0]], "fidelity_by_format": fids, "inputs_checked": int(len(x))}
 
-    def _attempt(self, src, dst, calib, x, ref, fmt, model_type, smooth_quant) -> tuple[dict | None, str | None]:
+    def _attempt(self, src, dst, calib, x, ref, fmt, model_type, smooth_quant,
+                 min_sqnr_db: float) -> tuple[dict | None, str | None]:
         """Quantize and check once: (fidelity, None) when it passes, (fidelity or None, the problem) when not."""
         from ..backends import create_backend
-        from ..evaluate import fidelity
+        from ..evaluate import fidelity, int8_fidelity_problem
 
         c = self.config
         try:
@@ -190,10 +196,9 @@ class QuantizeOpenVino(Stage):
             return None, (f"NNCF could not quantize or OpenVINO could not run the INT8 model "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
         fid = fidelity(ref, got)
-        if fid["top1_agreement"] < c.min_top1_agreement and fid["sqnr_db"] < c.min_sqnr_db:
-            return fid, (f"OpenVINO INT8 model {dst.name} agrees with FP32 on only {fid['top1_agreement']:.1f}% "
-                         f"of inputs (limit {c.min_top1_agreement}%) at SQNR {fid['sqnr_db']:.1f} dB "
-                         f"(limit {c.min_sqnr_db})")
+        problem = int8_fidelity_problem(fid, c.min_top1_agreement, min_sqnr_db)
+        if problem:
+            return fid, f"OpenVINO INT8 model {dst.name} {problem}"
         return fid, None
 
 
