@@ -131,3 +131,18 @@ def test_rescale_matrix_path_equals_pillow_path():
         finally:
             tta_mod.MATRIX_MAX_SIDE = old
         np.testing.assert_allclose(fast, slow, atol=2e-6)
+
+
+@pytest.mark.parametrize("h, w", [(60, 80), (80, 60), (120, 200)])
+def test_views_of_non_square_inputs_keep_height_and_width(h, w):
+    """A 60x80 model's views: each axis is zoomed on its own (both the matrix and the Pillow path)."""
+    x = np.zeros((1, 3, h, w), np.float32)
+    x[..., h // 2 - 5:h // 2 + 5, w // 2 - 5:w // 2 + 5] = 1.0       # a centred square
+    v = make_views(x, ("original", "hflip", "zoom:1.1", "zoom:0.9"))
+    assert v.shape == (4, 3, h, w)
+    np.testing.assert_array_equal(v[1], x[0][..., ::-1])
+    # zoom about the centre: the square grows at 1.1 and shrinks at 0.9, staying centred
+    area = [float(view[0].sum()) for view in v]
+    assert area[3] < area[0] < area[2]
+    ys, xs = np.nonzero(v[2][0] > 0.5)
+    assert abs(ys.mean() - (h - 1) / 2) < 1.5 and abs(xs.mean() - (w - 1) / 2) < 1.5
