@@ -70,6 +70,17 @@ class Backend(ABC):
         return f"{type(self).__name__}({self.info()})"
 
 
+def missing_module(module: str, install: str) -> str | None:
+    """Why ``module`` cannot be imported here (without importing it), or None: for ``Backend.unavailable``."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except Exception as err:  # a broken install is a reason, not a crash
+        return f"{module} cannot be looked up: {type(err).__name__}: {err}"
+    return None if found else f"{module} is not installed ({install})"
+
+
 def create_backend(name: str, model: Any, **settings: Any) -> Backend:
     """Instantiate a registered backend: ``model`` is a path (ONNX/IR/engine) or an nn.Module (torch)."""
     return BACKENDS.get(name)(model, **settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..doctor import Check, installed_version
 from ..variants import REFERENCE, RuntimeVariant, register_variant
-from .base import BACKENDS, Backend, physical_cores
+from .base import BACKENDS, Backend, missing_module, physical_cores
 
 # Preference order on a GPU machine; each is used only if the installed onnxruntime offers it.
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -92,8 +91,9 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def unavailable(cls, **settings: Any) -> str | None:
         try:
-            if importlib.util.find_spec("onnxruntime") is None:
-                return "onnxruntime is not installed (pip install onnxruntime)"
+            missing = missing_module("onnxruntime", "pip install onnxruntime")
+            if missing:
+                return missing
             if settings.get("device", "cpu") == "cpu":
                 return None
             if not os.path.exists("/dev/nvidia0"):

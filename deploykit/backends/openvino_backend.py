@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from ..doctor import Check, installed_version
 from ..errors import ArtifactError
 from ..variants import REFERENCE, RuntimeVariant, register_variant
-from .base import BACKENDS, Backend, physical_cores
+from .base import BACKENDS, Backend, missing_module, physical_cores
 
 # What float layers compute in. An INT8 model keeps its quantized layers whatever this says.
 _PRECISION_HINT = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -111,11 +110,7 @@ class OpenVinoBackend(Backend):
 
     @classmethod
     def unavailable(cls, **settings: Any) -> str | None:
-        try:
-            found = importlib.util.find_spec("openvino") is not None
-        except Exception as err:  # never raises
-            return f"openvino cannot be looked up: {type(err).__name__}: {err}"
-        return None if found else "OpenVINO is not installed (pip install openvino nncf: the `openvino` extra)"
+        return missing_module("openvino", "pip install openvino nncf: the `openvino` extra")
 
     @classmethod
     def doctor_checks(cls):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import numpy as np
 
-from .base import BACKENDS, Backend, physical_cores
+from .base import BACKENDS, Backend, missing_module, physical_cores
 
 
 @BACKENDS.register("torch")
@@ -19,11 +18,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def unavailable(cls, **settings: Any) -> str | None:
-        try:
-            found = importlib.util.find_spec("torch") is not None
-        except Exception as err:  # never raises
-            return f"torch cannot be looked up: {type(err).__name__}: {err}"
-        return None if found else "PyTorch is not installed (pip install torch)"
+        return missing_module("torch", "pip install torch")
 
     def __init__(self, model, threads: int | None = None, precision: str = "fp32", compile: bool = False):
         import torch
