@@ -103,6 +103,7 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     input_notes: list[str] = []
     pre = resolve_preprocessing(loaded, mc, input_notes)
     input_notes += [n for n in [ema_vs_model(loaded, data, pre)] if n]
+    loaded.alternative = None  # the other weight set was only for that check: do not hold it through the stages
     for note in input_notes:
         console.print(f"[yellow]warning:[/] {note}")
     console.print(f"[bold]{loaded.arch}[/] ({loaded.weights}), {loaded.num_classes} classes, input "
