@@ -191,9 +191,28 @@ class Artifact:
         merged.setdefault("precision", rt.get("precision", "fp32"))
         return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
 
-    def verify(self) -> list[str]:
-        """Names of files whose sha256 no longer matches the manifest (empty list = intact)."""
-        return [n for n, h in self.manifest.get("files", {}).items() if sha256_file(self.path / n) != h]
+    def verify(self, names: list[str] | None = None) -> list[str]:
+        """Names of files (all, or ``names``) whose sha256 no longer matches the manifest (empty list = intact)."""
+        files = self.manifest.get("files", {})
+        return [n for n in (names if names is not None else files) if n in files and sha256_file(self.path / n) != files[n]]
+
+    def served_files(self, backend: str | None = None) -> list[str]:
+        """What serving reads: the model file(s) the runtime runs (an IR's .bin too) and preprocessing.json."""
+        rt = self.runtime
+        name = backend or rt["backend"]
+        model = rt.get("files", {}).get(name) or rt["model"]
+        files = [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
+        return [*files, PREPROCESSING]
+
+    def check_served(self, backend: str | None = None) -> "Artifact":
+        """Refuse an artifact whose served files changed after it was written (labels or weights edited, a file
+        truncated): serving it would answer with the wrong model or labels, silently."""
+        changed = self.verify(self.served_files(backend))
+        if changed:
+            raise ArtifactError(f"artifact {self.path} was changed after it was written: {', '.join(changed)} "
+                                f"no longer match{'es' if len(changed) == 1 else ''} manifest.json's sha256",
+                                fix="re-run `deploykit compress` (or restore the original files)")
+        return self
 
 
 # --- what a finished compression run writes ------------------------------------------------------------------------

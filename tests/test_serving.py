@@ -293,6 +293,34 @@ def test_serve_from_the_model_store(artifact, direct, tmp_path):
         stop_server(proc)
 
 
+@pytest.mark.parametrize("damage", ["labels", "weights"])
+def test_a_changed_artifact_stops_the_server_with_one_error(artifact, tmp_path, damage):
+    """Edited class names or a changed model file would be served silently; the server refuses to start instead
+    (and exits, rather than restarting workers forever)."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad.deploykit"
+    shutil.copytree(artifact, bad)
+    if damage == "labels":
+        pre = json.loads((bad / "preprocessing.json").read_text())
+        pre["class_names"] = pre["class_names"][::-1]
+        (bad / "preprocessing.json").write_text(json.dumps(pre))
+        changed = "preprocessing.json"
+    else:
+        changed = json.loads((bad / "manifest.json").read_text())["runtime"]["model"]
+        with open(bad / changed, "ab") as f:
+            f.write(b"\0")
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "DEPLOYKIT_ARTIFACT": str(bad)}
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", "deploykit.serving:Classifier",
+                           "--port", str(free_port()), "--host", "127.0.0.1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=READY_TIMEOUT_S)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"was changed after it was written: {changed} no longer matches manifest.json's sha256" in last, last
+    assert "Fix: re-run `deploykit compress`" in last
+
+
 def test_dockerfile_copies_files_that_exist():
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]

@@ -88,6 +88,17 @@ def _artifact_dir(svc: t.Any) -> Path:
     return Path(path) if path else store.stored_artifact_dir(svc.stored_model)
 
 
+def _open_checked(svc: t.Any) -> Artifact:
+    """The artifact, refused when a file serving reads no longer matches its manifest (edited labels or weights)."""
+    return Artifact.open(_artifact_dir(svc)).check_served(os.environ.get("DEPLOYKIT_BACKEND"))
+
+
+# Checked once at import too, in `bentoml serve`'s own process: a damaged artifact then stops the server with one
+# error, instead of workers that fail their start and are restarted forever while /readyz never answers.
+if store.artifact_env():
+    Artifact.open(store.artifact_env()).check_served(os.environ.get("DEPLOYKIT_BACKEND"))
+
+
 class ClientError(Exception):
     """A request we refuse: answered as {"error": message} with a 4xx status, logged as one line."""
 
@@ -194,7 +205,7 @@ class ClassifierModel:
     stored_model = _STORE_MODEL
 
     def __init__(self) -> None:
-        self.artifact = Artifact.open(_artifact_dir(self))
+        self.artifact = _open_checked(self)
         self.backend = self.artifact.backend(threads=model_threads())
         pre = self.artifact.preprocessing
         self.backend.run(np.zeros((1, *pre.input_size), np.float32))  # first-call allocations before /readyz
@@ -221,7 +232,7 @@ class Classifier:
     model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
-        self.artifact = Artifact.open(_artifact_dir(self))
+        self.artifact = _open_checked(self)
         self.pre = self.artifact.preprocessing
         self.class_names = list(self.pre.class_names)  # empty: labels are the class indices
         logger.info("deploykit classifier ready: views=%s tta_default=%s", TTA_VIEWS, TTA_DEFAULT)
