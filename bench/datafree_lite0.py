@@ -34,17 +34,11 @@ sys.path.insert(0, str(ROOT))
 from deploykit import Artifact, compress  # noqa: E402
 from deploykit.backends import create_backend  # noqa: E402
 from deploykit.environment import machine_line, versions  # noqa: E402
-from deploykit.evaluate import fidelity, int8_fidelity_problem  # noqa: E402
+from deploykit.evaluate import fidelity  # noqa: E402
+from deploykit.stages.config import Int8CheckConfig  # noqa: E402
 
-def data_free_rule() -> dict:
-    """The INT8 stages' defaults without data (one source: the stage config)."""
-    from deploykit.stages.quantize_onnx import QuantizeOnnx
-
-    c = QuantizeOnnx.Config()
-    return {"min_top1_agreement": c.min_top1_agreement, "min_sqnr_db": c.min_sqnr_db_data_free}
-
-
-RULE = data_free_rule()
+CHECK = Int8CheckConfig()  # the INT8 stages' check with its defaults (one source: the stage config)
+RULE = {"min_top1_agreement": CHECK.min_top1_agreement, "min_sqnr_db": CHECK.min_sqnr_db_data_free}
 REAL_PASS = 19                                               # of 20 photos (95%)
 
 
@@ -80,7 +74,7 @@ def run(ckpt: Path, seed: int, photos, labels, tmp: Path) -> dict:
         got = create_backend(backend, art.path / file, precision="int8").run(x)
         real = fidelity(ref, got)
         agree = int((ref.argmax(1) == got.argmax(1)).sum())
-        synthetic_pass = int8_fidelity_problem(synth, **RULE) is None
+        synthetic_pass = CHECK.fidelity_problem(synth, data_free=True) is None
         rows.append({"model": name, "synthetic": {"top1_agreement": synth["top1_agreement"],
                                                    "sqnr_db": synth["sqnr_db"], "pass": synthetic_pass},
                      "real": {"agree_of_20": agree, "sqnr_db": real["sqnr_db"], "pass": agree >= REAL_PASS,

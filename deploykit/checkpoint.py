@@ -405,7 +405,6 @@ _WEIGHT_KEYS = {
     "model": ("state_dict", "model", "model_state_dict", "net"),
     "swa": ("state_dict_swa", "swa_state_dict", "swa_model"),
 }
-WEIGHT_CHOICES = tuple(_WEIGHT_KEYS)
 
 
 def _pick_state_dict(obj: Any, name: str, notes: list[str], weights: str | None = None) -> tuple[dict, str]:
@@ -727,12 +726,10 @@ def _from_module(module, meta: Mapping, name: str, sha256: str, notes: list[str]
 def _hints(args: Any, in_chans: int, notes: list[str]) -> dict:
     """Preprocessing recorded in train.py's args; missing or unusable fields are simply left out."""
     hints: dict[str, Any] = {}
-    input_size, img_size = _arg(args, "input_size"), _arg(args, "img_size")
-    if input_size:
-        hints["input_size"] = tuple(int(v) for v in input_size)
-    elif img_size:
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        hints["input_size"] = (in_chans, int(h), int(w))
+    size = _hint_size(args)
+    if size:
+        recorded = _arg(args, "input_size")  # train.py's (C, H, W): its channel count wins over the model's
+        hints["input_size"] = (int(recorded[0]) if recorded and len(recorded) == 3 else in_chans, *size)
     for key in ("mean", "std"):
         if _arg(args, key):
             hints[key] = tuple(float(v) for v in _arg(args, key))

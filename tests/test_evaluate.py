@@ -121,7 +121,6 @@ def test_the_data_free_int8_rule_matches_real_photos_on_the_measured_cases():
     import json
     from pathlib import Path
 
-    from deploykit.evaluate import int8_fidelity_problem
     from deploykit.stages.quantize_onnx import QuantizeOnnx
     from deploykit.stages.quantize_openvino import QuantizeOpenVino
 
@@ -129,5 +128,5 @@ def test_the_data_free_int8_rule_matches_real_photos_on_the_measured_cases():
     for cfg in (QuantizeOnnx.Config(), QuantizeOpenVino.Config()):
         for run in runs:
             for m in run["models"]:
-                verdict = int8_fidelity_problem(m["synthetic"], cfg.min_top1_agreement, cfg.min_sqnr_db_data_free) is None
+                verdict = cfg.fidelity_problem(m["synthetic"], data_free=True) is None
                 assert verdict == (m["real"]["agree_of_20"] >= 19), (m["model"], m["synthetic"], m["real"])

@@ -11,6 +11,6 @@ Example:
 
 from __future__ import annotations
 
-from .base import BACKENDS, Backend, create_backend, physical_cores
+from .base import BACKENDS, Backend, create_backend, physical_cores, run_batched
 
-__all__ = ["BACKENDS", "Backend", "create_backend", "physical_cores"]
+__all__ = ["BACKENDS", "Backend", "create_backend", "physical_cores", "run_batched"]

@@ -70,6 +70,15 @@ class Backend(ABC):
         return f"{type(self).__name__}({self.info()})"
 
 
+def run_batched(run, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``run`` (a Backend's ``run``, or any array -> logits callable) over ``x`` in batches, concatenated.
+
+    Example:
+        >>> run_batched(create_backend("onnxruntime", "model.onnx").run, x)
+    """
+    return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
 def missing_module(module: str, install: str) -> str | None:
     """Why ``module`` cannot be imported here (without importing it), or None: for ``Backend.unavailable``."""
     import importlib.util

@@ -204,8 +204,8 @@ def resolve_data(cfg) -> DataSplits | None:
 
         train, test = load_imagefolder_splits(Path(name).expanduser(), seed=cfg.seed)
         empty = empty_classes(train, test)
-    elif registered_name(name):
-        return resolve_data(cfg.model_copy(update={"name": registered_name(name)}))
+    elif alias := registered_name(name):
+        return resolve_data(cfg.model_copy(update={"name": alias}))
     else:
         raise _unknown(name)
     # Calibrate on training images, evaluate on the held-out split: never calibrate on what is scored.

@@ -89,8 +89,10 @@ def _artifact_dir(svc: t.Any) -> Path:
 
 
 def _open_checked(svc: t.Any) -> Artifact:
-    """The artifact, refused when a file serving reads no longer matches its manifest (edited labels or weights)."""
-    return Artifact.open(_artifact_dir(svc)).check_served(os.environ.get("DEPLOYKIT_BACKEND"))
+    """The artifact, refused when a file serving reads no longer matches its manifest (edited labels or weights).
+    With DEPLOYKIT_ARTIFACT the import-time check below already ran in this process; a store model is checked here."""
+    art = Artifact.open(_artifact_dir(svc))
+    return art if store.artifact_env() else art.check_served(os.environ.get("DEPLOYKIT_BACKEND"))
 
 
 # Checked once at import too, in `bentoml serve`'s own process: a damaged artifact then stops the server with one

@@ -53,14 +53,14 @@ class Cast(Stage):
         min_top1_agreement: float = Field(98.0, ge=0, le=100)
 
     def run(self, state: PipelineState) -> dict:
-        from ..backends import create_backend
+        from ..backends import create_backend, run_batched
 
         c = self.config
         if state.onnx_fp32_path is None:
             raise ParityError("cast needs a float ONNX model", fix="put export_onnx before it in the recipe")
         src = state.onnx_fp32_path
         x = state.check_inputs()
-        ref = np.concatenate([create_backend("onnxruntime", src).run(x[i:i + 64]) for i in range(0, len(x), 64)])
+        ref = run_batched(create_backend("onnxruntime", src).run, x)
         if c.dtype == "fp16":
             path = cast_fp16(src, state.workdir / "model.fp16.onnx")
             backend, runtime = create_backend("onnxruntime", path, precision="fp16"), RuntimeChoice("onnxruntime")
@@ -74,7 +74,7 @@ class Cast(Stage):
                 raise RuntimeUnavailable(f"OpenVINO cannot run BF16 on this CPU ({' '.join(str(err).split())[:160]})",
                                          fix="use --int8 or --fp32 here, or run the bf16 recipe on a CPU with "
                                              "AVX512-BF16 or AMX") from None
-        got = np.concatenate([backend.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+        got = run_batched(backend.run, x)
         fid = check_parity(ref, got, c.atol, c.min_top1_agreement, f"{c.dtype} model")
         state.onnx_path, state.precision, state.runtime = path, c.dtype, runtime
         return {"file": path.name, "dtype": c.dtype, "runtime": {"backend": runtime.backend, "settings": runtime.settings},

@@ -81,16 +81,15 @@ class ExportOnnx(Stage):
     def run(self, state: PipelineState) -> dict:
         import torch
 
-        from ..backends import create_backend
+        from ..backends import create_backend, run_batched
 
         c = self.config
         path = export_onnx(state.model, state.workdir / "model.fp32.onnx", state.preprocessing.input_size,
                            c.opset, c.exporter, c.dynamic_batch)
         x = state.check_inputs()
         with torch.inference_mode():
-            ref = np.concatenate([state.model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
-        ort = create_backend("onnxruntime", path)
-        got = np.concatenate([ort.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+            ref = run_batched(lambda b: state.model(torch.from_numpy(b)).numpy(), x)
+        got = run_batched(create_backend("onnxruntime", path).run, x)
         fid = check_parity(ref, got, c.atol, c.min_top1_agreement, "exported ONNX")
         state.onnx_path = state.onnx_fp32_path = path
         state.add_model("fp32-onnx", path)

@@ -254,7 +254,7 @@ class Qat(Stage):
     def run(self, state: PipelineState) -> dict:
         import torch
 
-        from ..backends import create_backend
+        from ..backends import create_backend, run_batched
         from ..data import data_help
         from ..evaluate import classification_metrics, fidelity
         from ..training import fit_distill
@@ -303,8 +303,7 @@ class Qat(Stage):
                               f"(limit {c.min_agreement_with_fake_quant}%) at SQNR {vs_fake_quant['sqnr_db']:.1f} dB "
                               f"(limit {c.min_sqnr_vs_fake_quant})",
                               fix="report the model as a bug; meanwhile use the int8-ptq recipe")
-        run = lambda p: np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64])  # noqa: E731
-                                        for i in range(0, len(x), 64)])
+        run = lambda p: run_batched(create_backend("onnxruntime", p).run, x)  # noqa: E731
         got, ref = run(dst), run(state.onnx_fp32_path)
         facts = {"file": dst.name, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
                  "history": res.history, "train_images": res.train_images, "reduce_range": c.reduce_range,

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from .config import StageConfig
+from .config import Int8CheckConfig
 from .base import PipelineState, QuantSettings, RuntimeChoice, Stage, register
 from .export_onnx import INPUT_NAME
 
@@ -142,7 +142,7 @@ def count_qdq(path: Path) -> dict:
 class QuantizeOnnx(Stage):
     """Float ONNX -> INT8 QDQ ONNX for ONNX Runtime CPU, calibrated on real or synthetic images."""
 
-    class Config(StageConfig):
+    class Config(Int8CheckConfig):
         method: Literal["minmax", "entropy", "percentile"] = "minmax"
         percentile: float = Field(99.999, gt=90, le=100)
         per_channel: bool = True
@@ -161,23 +161,10 @@ class QuantizeOnnx(Stage):
                                                           "graph (MatMul with Softmax or LayerNorm)")
         op_types: list[str] | None = Field(None, description="ONNX op types to quantize; overrides model_type's "
                                                              "choice (None: by model_type)")
-        on_fidelity_failure: Literal["error", "withhold"] = Field(
-            "error", description="when the INT8 model fails the check: error (exit 2), or withhold it from the "
-                                 "runtime candidates and ship the float model, saying why (recipes that end in "
-                                 "select_runtime)")
-        min_top1_agreement: float = Field(90.0, ge=0, le=100, description="vs FP32 ONNX; below this *and* below "
-                                                                          "min_sqnr_db the run fails")
-        # Argmax agreement alone is a poor alarm when logits are near-tied (random weights, 1000 classes on
-        # synthetic inputs: timm resnet50 agreed on 87.5% at 36 dB SQNR); SQNR is not fooled by ties.
-        min_sqnr_db: float = Field(20.0, description="signal-to-quantization-noise ratio vs FP32 that still passes")
-        # Data-free check inputs are synthesized near decision boundaries, so agreement under-reads there and SQNR
-        # is what transfers to real images: EfficientNet-Lite0 (ImageNet weights), data-free, NNCF INT8 17.8 dB on
-        # the synthetic set and 19/20 real photos agreeing; ORT INT8 2.4 dB and 15/20 (bench/results/datafree_lite0.md)
-        min_sqnr_db_data_free: float = Field(15.0, description="the SQNR floor when calibrating without data")
 
     def run(self, state: PipelineState) -> dict:
-        from ..backends import create_backend
-        from ..evaluate import fidelity, int8_fidelity_problem
+        from ..backends import create_backend, run_batched
+        from ..evaluate import fidelity
 
         c = self.config
         if state.onnx_path is None:
@@ -193,8 +180,7 @@ class QuantizeOnnx(Stage):
                  "weight_type": c.weight_type, "model_type": model_type,
                  "op_types": op_types or "all (ONNX Runtime default)"}
         x = state.check_inputs()
-        run = lambda p: np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64])  # noqa: E731
-                                        for i in range(0, len(x), 64)])
+        run = lambda p: run_batched(create_backend("onnxruntime", p).run, x)  # noqa: E731
         ref = run(src)
         try:
             quantize_onnx(state.onnx_path, dst, (calib[i:i + bs] for i in range(0, len(calib), bs)),
@@ -210,8 +196,7 @@ class QuantizeOnnx(Stage):
                                   f"ONNX Runtime could not quantize or run the INT8 model ({why})")
         fid = fidelity(ref, got)
         facts.update(qdq=count_qdq(dst), fidelity_vs_fp32=fid)
-        problem = int8_fidelity_problem(fid, c.min_top1_agreement,
-                                        c.min_sqnr_db if state.data is not None else c.min_sqnr_db_data_free)
+        problem = c.fidelity_problem(fid, data_free=state.data is None)
         if problem:
             problem = f"INT8 model {problem}"
             if c.on_fidelity_failure == "error":

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ParityError
-from .config import StageConfig
+from .config import Int8CheckConfig
 from .base import PipelineState, Stage, register
 from .export_onnx import INPUT_NAME
 from .quantize_onnx import ModelType, detect_model_type
@@ -99,7 +99,7 @@ def model_files(path: Path) -> list[str]:
 class QuantizeOpenVino(Stage):
     """Float ONNX -> NNCF INT8 model for OpenVINO CPU, checked against FP32 on held-out inputs."""
 
-    class Config(StageConfig):
+    class Config(Int8CheckConfig):
         format: Literal["ir", "onnx", "both"] = Field(
             "ir", description="ir: model.ov.xml/.bin; onnx: Q/DQ model.nncf.int8.onnx; both: write both, "
                               "so select_runtime measures them side by side")
@@ -107,17 +107,7 @@ class QuantizeOpenVino(Stage):
         subset_size: int = Field(300, ge=1, description="calibration images NNCF uses (at most those given)")
         fast_bias_correction: bool = True
         ignored_names: list[str] = Field(default_factory=list, description="node names kept in float")
-        min_top1_agreement: float = Field(90.0, ge=0, le=100, description="vs FP32 ONNX; below this *and* below "
-                                                                          "min_sqnr_db the run fails")
-        min_sqnr_db: float = Field(20.0, description="SQNR vs FP32 that excuses a low agreement on near-tied logits")
-        # Data-free check inputs are synthesized near decision boundaries, so agreement under-reads there and SQNR
-        # is what transfers to real images: EfficientNet-Lite0 (ImageNet weights), data-free, NNCF INT8 17.8 dB on
-        # the synthetic set and 19/20 real photos agreeing; ORT INT8 2.4 dB and 15/20 (bench/results/datafree_lite0.md)
-        min_sqnr_db_data_free: float = Field(15.0, description="the SQNR floor when calibrating without data")
         threads: int | None = Field(None, ge=1, description="OpenVINO threads for the parity check")
-        on_fidelity_failure: Literal["error", "withhold"] = Field(
-            "error", description="when the INT8 model fails the check: error (exit 2), or withhold it from the "
-                                 "runtime candidates, saying why (recipes that end in select_runtime)")
         smooth_quant: Literal["auto", "on", "off"] = Field(
             "auto", description="SmoothQuant (NNCF applies it to transformers' MatMuls); auto: on, and when the model "
                                 "then fails its check, quantized once more without it")
@@ -126,7 +116,7 @@ class QuantizeOpenVino(Stage):
                                                           "from the graph (MatMul with Softmax or LayerNorm)")
 
     def run(self, state: PipelineState) -> dict:
-        from ..backends import create_backend
+        from ..backends import create_backend, run_batched
 
         c = self.config
         src = state.onnx_fp32_path
@@ -137,18 +127,17 @@ class QuantizeOpenVino(Stage):
         formats = ("ir", "onnx") if c.format == "both" else (c.format,)
         model_type = c.model_type if c.model_type != "auto" else detect_model_type(src, state.model)
         x = state.check_inputs()
-        ref = _run_batched(create_backend("onnxruntime", src, threads=c.threads), x)
+        ref = run_batched(create_backend("onnxruntime", src, threads=c.threads).run, x)
         outputs, fids, withheld, attempts = {}, {}, {}, {}
         # SmoothQuant helped ViT/DeiT but cost Swin (random weights, 32x32): 11.5 dB / 69% agreement with it,
         # 24.5 dB / 95% without. "auto" keeps NNCF's default and retries without it only when the check fails.
         tries = [c.smooth_quant != "off"] + ([False] if c.smooth_quant == "auto" and model_type == "transformer"
                                              else [])
-        min_sqnr = c.min_sqnr_db if state.data is not None else c.min_sqnr_db_data_free
         for fmt in formats:
             dst = state.workdir / (IR_FILE if fmt == "ir" else ONNX_FILE)
             outputs[fmt], attempts[fmt] = dst.name, []
             for sq in tries:
-                fid, problem = self._attempt(src, dst, calib, x, ref, fmt, model_type, sq, min_sqnr)
+                fid, problem = self._attempt(src, dst, calib, x, ref, fmt, model_type, sq, state.data is None)
                 attempts[fmt].append({"smooth_quant": sq, "sqnr_db": fid and fid["sqnr_db"],
                                       "top1_agreement": fid and fid["top1_agreement"], "problem": problem})
                 if problem is None:
@@ -179,28 +168,24 @@ class QuantizeOpenVino(Stage):
                 "fidelity_vs_fp32": fids[formats[0]], "fidelity_by_format": fids, "inputs_checked": int(len(x))}
 
     def _attempt(self, src, dst, calib, x, ref, fmt, model_type, smooth_quant,
-                 min_sqnr_db: float) -> tuple[dict | None, str | None]:
+                 data_free: bool) -> tuple[dict | None, str | None]:
         """Quantize and check once: (fidelity, None) when it passes, (fidelity or None, the problem) when not."""
-        from ..backends import create_backend
-        from ..evaluate import fidelity, int8_fidelity_problem
+        from ..backends import create_backend, run_batched
+        from ..evaluate import fidelity
 
         c = self.config
         try:
             quantize_openvino(src, dst, calib, fmt=fmt, preset=c.preset, subset_size=c.subset_size,
                               fast_bias_correction=c.fast_bias_correction, ignored_names=c.ignored_names,
                               model_type=model_type, smooth_quant=smooth_quant)
-            got = _run_batched(create_backend("openvino", dst, threads=c.threads, precision="int8"), x)
+            got = run_batched(create_backend("openvino", dst, threads=c.threads, precision="int8").run, x)
         except Exception as err:  # NNCF or OpenVINO failing on an unusual graph
             if c.on_fidelity_failure == "error":
                 raise
             return None, (f"NNCF could not quantize or OpenVINO could not run the INT8 model "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
         fid = fidelity(ref, got)
-        problem = int8_fidelity_problem(fid, c.min_top1_agreement, min_sqnr_db)
+        problem = c.fidelity_problem(fid, data_free)
         if problem:
             return fid, f"OpenVINO INT8 model {dst.name} {problem}"
         return fid, None
-
-
-def _run_batched(backend, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([backend.run(x[i:i + batch]) for i in range(0, len(x), batch)])

@@ -150,7 +150,7 @@ class QuantizeTensorRT(Stage):
         min_top1_agreement: float = Field(90.0, ge=0, le=100, description="vs FP32 ONNX; below this the run fails")
 
     def run(self, state: PipelineState) -> dict:
-        from ..backends import create_backend
+        from ..backends import create_backend, run_batched
         from ..evaluate import fidelity
         from ..onnx_checks import check_qdq_placement
 
@@ -168,8 +168,7 @@ class QuantizeTensorRT(Stage):
                                         allow_float=tuple(c.exclude_nodes))
         x = state.check_inputs()
         # Verified on the CPU provider on purpose: the same graph TensorRT will build, run by a second runtime.
-        ref, got = (np.concatenate([create_backend("onnxruntime", p).run(x[i:i + 64]) for i in range(0, len(x), 64)])
-                    for p in (src, dst))
+        ref, got = (run_batched(create_backend("onnxruntime", p).run, x) for p in (src, dst))
         fid = fidelity(ref, got)
         if fid["top1_agreement"] < c.min_top1_agreement:
             raise ParityError(f"TensorRT INT8 Q/DQ model agrees with FP32 on only {fid['top1_agreement']:.1f}% of "

@@ -148,18 +148,14 @@ def budget_notes(fid: dict, top1_drop: float | None, *, retrained: bool, min_top
 
 
 def _known_variants(names: list[str] | None) -> list[str] | None:
-    from ..variants import variant_names
+    """Each name must be a registered runtime variant (pydantic wants a ValueError, the registry raises its own)."""
+    from ..variants import RUNTIME_VARIANTS
 
-    if names is None:
-        return None
-    known = variant_names()
-    for n in names:
-        if n not in known:
-            import difflib
-
-            close = difflib.get_close_matches(n, known, n=2)
-            raise ValueError(f"unknown runtime variant {n!r}"
-                             + (f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(known)}"))
+    for n in names or ():
+        try:
+            RUNTIME_VARIANTS.get(n)
+        except RecipeError as err:
+            raise ValueError(f"{err.problem}; {err.fix}") from None
     return names
 
 
