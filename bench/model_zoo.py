@@ -40,7 +40,7 @@ from deploykit.backends import create_backend  # noqa: E402
 from deploykit.checkpoint import save_timm_checkpoint  # noqa: E402
 from deploykit.environment import machine_line, versions  # noqa: E402
 from deploykit.evaluate import fidelity  # noqa: E402
-from deploykit.timing import measure_in_blocks  # noqa: E402
+from deploykit.measure import time_variants  # noqa: E402
 
 # name -> (family, timm arch, create_model kwargs, (H, W))
 MODELS = {
@@ -70,8 +70,8 @@ SETTINGS = {
                   stages__quantize_openvino__subset_size=8, stages__select_runtime__rounds=1,
                   stages__select_runtime__block_runs=1, stages__select_runtime__time_budget_s=5),
 }
-TIMING = {"full": dict(rounds=6, block_runs=5, warmup=1, time_budget_s=60.0),
-          "quick": dict(rounds=2, block_runs=1, warmup=1, time_budget_s=5.0)}
+TIMING = {"full": dict(max_rounds=6, block_runs=5, warmup=1, time_budget_s=60.0),
+          "quick": dict(max_rounds=2, block_runs=1, warmup=1, time_budget_s=5.0)}
 
 
 def build_checkpoint(name: str, tmp: Path):
@@ -144,7 +144,7 @@ def run_one(name: str, tmp: Path, mode: str, threads: int | None) -> dict:
     row["latency_ms"] = {n: {} for n in fns}
     for bs in BATCHES:
         x = np.resize(held_out, (bs, 3, h, w)).astype(np.float32)
-        for n, st in measure_in_blocks(fns, x, **TIMING[mode]).items():
+        for n, st in time_variants(fns, x, eliminate=False, **TIMING[mode]).records.items():
             row["latency_ms"][n][f"bs{bs}"] = st.p50
     lat = row["latency_ms"]
     row["speedup_vs_torch"] = {k: round(lat["torch-eager-fp32"][k] / v, 2) for k, v in lat["shipped"].items()}

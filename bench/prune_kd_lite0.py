@@ -64,7 +64,7 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     from deploykit.stages.export_onnx import export_onnx
     from deploykit.stages.fuse_bn import fuse_conv_bn
     from deploykit.stages.static_pad import make_padding_static
-    from deploykit.timing import measure_in_blocks
+    from deploykit.measure import time_variants
 
     # The baseline is the original as deploykit's own FP32 export makes it (static pads, BN folded), not a plain
     # torch.onnx.export with the dynamic 'same' padding of tf_ models: the fair (strongest) FP32 baseline.
@@ -76,9 +76,9 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     ref_ov = create_backend("openvino", orig_onnx)  # the same-runtime comparison, when the artifact runs OpenVINO
     x32 = data.eval.load(pre, np.arange(32))
     # alternating blocks, not run-by-run interleaving: one runtime's spinning thread pool must not tax the other
-    lat = measure_in_blocks({"original_fp32_onnx": ref_b.run, "original_fp32_openvino": ref_ov.run,
-                             "compressed": new_b.run}, x32, rounds=30,
-                            block_runs=max(1, args.latency_runs // 4), warmup=2, time_budget_s=150)
+    lat = time_variants({"original_fp32_onnx": ref_b.run, "original_fp32_openvino": ref_ov.run,
+                         "compressed": new_b.run}, x32, max_rounds=30, block_runs=max(1, args.latency_runs // 4),
+                        warmup=2, time_budget_s=150, eliminate=False).records
     m = rep["models"]
     row = {
         "balance": balance, "seconds": round(time.time() - t0, 1), "artifact": str(out),

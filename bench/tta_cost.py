@@ -1,6 +1,6 @@
 """What test-time augmentation costs and buys: latency at batch 1 and Fashion-MNIST accuracy, with and without.
 
-Latency, each from a preprocessed image, timed in alternating blocks (default) or run by run (--timing interleaved):
+Latency, each from a preprocessed image, timed in alternating blocks (deploykit.measure.time_variants):
   single      backend.run on the original view            (what tta=false costs)
   tta-batched make_views (4 views) + ONE backend.run + mean  (what the service does)
   tta-naive   make_views + one backend.run per view + mean   (what a per-view loop would cost)
@@ -43,8 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--views", default="original,hflip,scale:0.9,scale:1.1")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores, as served)")
     p.add_argument("--runs", type=int, default=300, help="timed runs per variant")
-    p.add_argument("--timing", choices=("blocks", "interleaved"), default="blocks",
-                   help="blocks: alternating blocks of 10 runs (steady state per shape); interleaved: run by run")
     p.add_argument("--budget", type=float, default=30.0, help="seconds cap for the timed rounds")
     p.add_argument("--eval-images", type=int, default=10_000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tta_cost")
@@ -57,7 +55,7 @@ def main(argv=None) -> dict:
     from deploykit.data.fashion_mnist import load_fashion_mnist
     from deploykit.evaluate import classification_metrics
     from deploykit.serving.tta import average_logits, make_views, parse_views
-    from deploykit.timing import measure_in_blocks, measure_interleaved
+    from deploykit.measure import time_variants
 
     views = parse_views(args.views)
     with tempfile.TemporaryDirectory(prefix="tta-cost-") as tmp:
@@ -76,11 +74,8 @@ def main(argv=None) -> dict:
             # the floor of batched TTA: the model alone on the already-made views (what batch N costs vs batch 1)
             "model-only-batch": lambda x, v=make_views(x1, views): backend.run(v),
         }
-        if args.timing == "blocks":
-            lat = measure_in_blocks(fns, x1, rounds=max(2, args.runs // 10), block_runs=10, warmup=2,
-                                    time_budget_s=args.budget)
-        else:
-            lat = measure_interleaved(fns, x1, warmup=10, runs=args.runs, time_budget_s=args.budget)
+        lat = time_variants(fns, x1, max_rounds=max(2, args.runs // 10), block_runs=10, warmup=2,
+                            time_budget_s=args.budget, eliminate=False).records
         single = lat["single"].p50
 
         # accuracy with and without TTA, the service's code path (views of a chunk in one call)
@@ -104,7 +99,7 @@ def main(argv=None) -> dict:
         "artifact": {"path": str(art.path), "runtime": art.runtime},
         "backend": backend.info(),
         "views": list(views),
-        "timing": args.timing,
+        "timing": "blocks",
         "latency_ms": {n: s.to_dict() for n, s in lat.items()},
         "ratio_p50": {n: round(s.p50 / single, 3) for n, s in lat.items()},
         "target_ratio_batched": 1.6,

@@ -70,6 +70,7 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     from .inputs import stage_inputs
     from .preprocessing import resolve_preprocessing
     from .sanity import ema_vs_model
+    from .measure import stopwatch
     from .stages import STAGES, PipelineState
 
     console = _console(console)
@@ -118,15 +119,19 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
                               inputs=stage_inputs(teacher, pre, data, recipe.data, console, notes),
                               model_kwargs=dict(loaded.model_kwargs or {}))
 
+        steps = []
+        if data is None:  # data-free: synthesizing the inputs is a step of its own, with its own time
+            with stopwatch() as sw:
+                state.check_inputs()
+            console.print(f"[green]done[/] synthesize_inputs in {sw['seconds']:.1f}s")
+            steps.append({"name": "synthesize_inputs", "seconds": round(sw["seconds"], 3)})
         lineage = []
         for spec, stage in zip(recipe.stages, stages):
-            with console.status(f"stage {spec.name}..."):
-                t0 = time.perf_counter()
+            with console.status(f"stage {spec.name}..."), stopwatch() as sw:
                 facts = stage.run(state)
-                seconds = time.perf_counter() - t0
-            console.print(f"[green]done[/] {spec.name} in {seconds:.1f}s")
+            console.print(f"[green]done[/] {spec.name} in {sw['seconds']:.1f}s")
             lineage.append({"name": spec.name, "config": spec.config.model_dump(mode="json"),
-                            "seconds": round(seconds, 3), "facts": facts})
+                            "seconds": round(sw["seconds"], 3), "facts": facts})
 
         final = finalize_model(state)
         pre.save(workdir / PREPROCESSING)
@@ -140,8 +145,9 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
             "data": {"name": data.name if data else None, "real": data is not None,
                      "calibration_images": state.inputs.calibration_used,
                      "eval_images": int(len(data.eval)) if data else 0},
-            "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in lineage],
-            "stage_facts": _facts_by_stage(lineage),
+            "stages": steps + [{"name": s["name"], "seconds": s["seconds"]} for s in lineage],
+            "stage_facts": {**({"synthesize_inputs": state.inputs.origin} if steps else {}),
+                            **_facts_by_stage(lineage)},
             "notes": notes,
             "total_seconds": round(time.perf_counter() - t_start, 2),
         })

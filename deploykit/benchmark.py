@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -357,22 +356,22 @@ def eval_data(art, data: str | None, eval_images: int | None, seed: int = 0):
 
 def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_sizes=(1, 8, 32), *,
                        warmup: int = 5, runs: int = 50, budget_s: float = 15.0, eval_batch: int = 64,
-                       skipped: list[dict] | None = None, cpu_time: bool = True,
-                       log: Callable[[str], None] = print) -> dict:
-    """Time all ``variants`` interleaved per batch size, evaluate each on ``eval_set``; a bench.json dict.
+                       skipped: list[dict] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Time all ``variants`` side by side per batch size, evaluate each on ``eval_set``; a bench.json dict.
 
-    Besides wall-clock latency, ``cpu_time`` records the process CPU time per call (p50 of interleaved
-    rounds): a neighbour preempting us does not advance it, so on a shared machine it ranks variants
-    far more stably than wall time (it does not see waiting, and counts spinning pool threads).
+    Timing is ``deploykit.measure.time_variants`` without early stopping (a benchmark reports every variant): each
+    record has wall-clock p50/p90/p99, an interval on the median, the interquartile range and the process CPU time
+    per call from the same runs (a neighbour preempting us does not advance CPU time, so on a shared machine it
+    ranks variants more stably; it does not see waiting, and counts spinning pool threads).
 
     Args:
         pre: the Preprocessing that makes model inputs (shape, normalisation).
         eval_set: labelled ImageSet for accuracy; None = accuracy not measured (data-free).
-        runs, warmup, budget_s: per batch size, passed to ``timing.measure_in_blocks`` (rounds = runs // 5).
+        runs, warmup, budget_s: per batch size: most timed runs (rounds = runs // 5), untimed warm-up runs, seconds.
     """
     from .environment import load_average, machine, machine_line, versions
-    from .evaluate import classification_metrics, predict
-    from .timing import measure_in_blocks
+    from .evaluate import classification_metrics
+    from .measure import logits_for, stopwatch, time_variants
 
     skipped = list(skipped or [])
     batch_sizes = parse_batches(list(batch_sizes))
@@ -386,11 +385,11 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
     rows: dict[str, dict] = {}
     for v in variants:
         gc.collect()
-        before, t0 = rss_mb(), time.perf_counter()
+        before = rss_mb()
         try:
-            backend = v.make()
-            backend.run(x_max[:1])  # first run compiles / allocates: part of the cost of loading
-            load_s = time.perf_counter() - t0
+            with stopwatch() as load:
+                backend = v.make()
+                backend.run(x_max[:1])  # first run compiles / allocates: part of the cost of loading
             backend.run(x_max)
         except Exception as err:  # a runtime that cannot take this model is reported, not fatal
             skipped.append({"name": v.name, "reason": f"failed to load/run: {type(err).__name__}: "
@@ -399,10 +398,10 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
             continue
         loaded[v.name] = backend
         rows[v.name] = {"name": v.name, "backend": v.backend, "precision": v.precision, "model_file": v.model_file,
-                        "size_mb": v.size_mb, "load_s": round(load_s, 3), "deployed": v.deployed, "group": v.group,
-                        "rss_mb": round(rss_mb() - before, 1), "runtime": backend.info(), "notes": v.notes,
-                        "latency_ms": {}, "throughput_ips": {}, "accuracy": None}
-        log(f"loaded {v.name} in {load_s:.1f}s")
+                        "size_mb": v.size_mb, "load_s": round(load["seconds"], 3), "deployed": v.deployed,
+                        "group": v.group, "rss_mb": round(rss_mb() - before, 1), "runtime": backend.info(),
+                        "notes": v.notes, "latency_ms": {}, "throughput_ips": {}, "accuracy": None}
+        log(f"loaded {v.name} in {load['seconds']:.1f}s")
 
     if not loaded:
         raise BenchError("no variant could be loaded", fix="check --backends and the artifact ("
@@ -418,33 +417,28 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
             except Exception as err:
                 rows[name]["latency_ms"][f"bs{bs}"] = None
                 rows[name]["notes"].append(f"batch {bs} failed: {type(err).__name__}")
-        log(f"timing batch {bs}: {len(fns)} variants interleaved, up to {runs} rounds / {budget_s:.0f}s")
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(x)
-        # blocks, not run-by-run: a runtime's thread pool spins after each call and slows the next runtime
-        stats = measure_in_blocks(fns, x, rounds=max(2, runs // 5), block_runs=5, warmup=1, time_budget_s=budget_s)
-        for name, s in stats.items():
-            rows[name]["latency_ms"][f"bs{bs}"] = {"p50": s.p50, "p90": s.p90, "p99": s.p99, "mean": s.mean,
-                                                   "min": s.min, "runs": s.runs}
-            rows[name]["throughput_ips"][f"bs{bs}"] = round(s.throughput, 1)
-        if cpu_time:
-            for name, v in measure_cpu_interleaved(fns, x, runs=runs, budget_s=budget_s).items():
-                rows[name].setdefault("cpu_ms", {})[f"bs{bs}"] = v
+        log(f"timing batch {bs}: {len(fns)} variants side by side, up to {max(2, runs // 5)} rounds / "
+            f"{budget_s:.0f}s")
+        run = time_variants(fns, x, max_rounds=max(2, runs // 5), warmup=max(1, warmup), time_budget_s=budget_s,
+                            eliminate=False)
+        for name, rec in run.records.items():
+            rows[name]["latency_ms"][f"bs{bs}"] = rec.to_dict()
+            rows[name]["throughput_ips"][f"bs{bs}"] = round(rec.throughput, 1)
+            rows[name].setdefault("cpu_ms", {})[f"bs{bs}"] = {"p50": rec.cpu_p50, "p90": rec.cpu_p90, "runs": rec.runs}
 
     notes: list[str] = []
     if eval_set is not None:
         by_name = {v.name: v for v in variants}
-        for name, backend in loaded.items():
-            src = by_name[name].accuracy_from
-            if src and src in rows and rows[src]["accuracy"] is not None:
-                rows[name]["accuracy"] = {**rows[src]["accuracy"], "from": src}
-                continue
-            log(f"evaluating {name} on {len(eval_set)} images")
-            logits = predict(backend, eval_set, pre, eval_batch)
-            m = classification_metrics(logits, eval_set.labels, len(pre.class_names) or int(logits.shape[1]))
+        own = {n: be for n, be in loaded.items() if by_name[n].accuracy_from not in loaded}
+        log(f"evaluating {', '.join(own)} on {len(eval_set)} images")
+        logits = logits_for(own, (x for x, _ in eval_set.batches(pre, eval_batch)))
+        for name, lg in logits.items():
+            m = classification_metrics(lg, eval_set.labels, len(pre.class_names) or int(lg.shape[1]))
             rows[name]["accuracy"] = {"top1": m["top1"], "top5": m["top5"], "macro_f1": m["macro_f1"],
                                       "images": int(len(eval_set))}
+        for name in loaded.keys() - logits.keys():  # same weights and numerics as a variant evaluated above
+            src = by_name[name].accuracy_from
+            rows[name]["accuracy"] = {**rows[src]["accuracy"], "from": src}
     else:
         notes.append("no labelled evaluation data: accuracy not measured (pass --data)")
 
@@ -458,9 +452,9 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         "versions": versions(),
         "threads": threads[0] if len(threads) == 1 else threads,
         "settings": {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs, "budget_s_per_batch": budget_s,
-                     "method": "timing.measure_in_blocks: variants alternate in blocks of 5 timed runs (one untimed "
-                               "run per block), order reversed every round; p50/p90/p99 of the timed runs after "
-                               "warm-up",
+                     "method": "deploykit.measure.time_variants: variants alternate in blocks of up to 5 timed runs "
+                               "(one untimed run per block for calls under 100 ms), order reversed every round; "
+                               "p50/p90/p99, median interval and CPU time of the timed runs after warm-up",
                      "eval_images": int(len(eval_set)) if eval_set is not None else 0,
                      "data": eval_set.name if eval_set is not None else None,
                      "input_size": list(pre.input_size)},
@@ -469,26 +463,6 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "notes": notes,
     }
-
-
-def measure_cpu_interleaved(fns: dict[str, Callable], x: np.ndarray, runs: int = 30, budget_s: float = 15.0,
-                            warmup: int = 2) -> dict[str, dict]:
-    """Process CPU ms per call for each variant, alternating variants round by round (order reversed each round)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn(x)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    for i in range(runs):
-        order = list(fns.items())[::(-1 if i % 2 else 1)]
-        for name, fn in order:
-            t0 = time.process_time()
-            fn(x)
-            samples[name].append((time.process_time() - t0) * 1000.0)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {k: {"p50": round(float(np.median(v)), 4), "p90": round(float(np.percentile(v, 90)), 4), "runs": len(v)}
-            for k, v in samples.items()}
 
 
 def run_benchmark(artifact, backends=None, batch_sizes=(1, 8, 32), *, data: str | None = "auto",

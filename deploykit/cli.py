@@ -102,6 +102,8 @@ def compress(
     overwrite: bool = typer.Option(False, help="replace an existing artifact directory (only once the new one is complete)"),
     trust_pickle: bool = typer.Option(False, help="allow unpickling arbitrary objects: only for files you trust"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip accuracy and latency evaluation"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any recipe field, dotted, value as YAML "
+                                             "(repeatable): --set stages.select_runtime.objective=latency"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop"),
 ) -> None:
     """Fuse Conv-BN, export ONNX, quantize, verify and evaluate: one artifact directory."""
@@ -149,6 +151,8 @@ def compress(
             "stages.prune.macs_reduction": prune,
             budget_key: max_drop,
         })
+        if set_:
+            r = r.with_overrides(_settings(set_))
         if checkpoint is None and not r.model.factory:
             raise DeployKitError("no checkpoint given", fix="pass a checkpoint file, or --model FILE.py:NAME")
         if dry_run:
@@ -162,6 +166,23 @@ def compress(
             print_summary(res.report)
     except DeployKitError as err:
         fail(err)
+
+
+def _settings(items: list[str]) -> dict:
+    """['a.b=1', 'c=[1, 32]'] -> {'a.b': 1, 'c': [1, 32]} (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DeployKitError(f"--set {item!r} is not KEY=VALUE", fix="e.g. --set stages.select_runtime.rounds=3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise DeployKitError(f"--set {item!r}: the value is not valid YAML",
+                                 fix="quote strings with spaces; lists as [1, 32]") from None
+    return out
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

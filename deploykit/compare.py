@@ -1,7 +1,10 @@
 """Original vs compressed, measured the same way: accuracy, per-class F1, fidelity, latency, size.
 
-``compare_models`` runs after the stages: it evaluates the original (PyTorch), the FP32 ONNX and the shipped
-model on the evaluation split with the backends they are served with, and times them in alternating blocks.
+``compare_models`` runs after the stages. It shows the original (PyTorch), the FP32 ONNX and the shipped model
+with the numbers select_runtime measured for them (``state.measured``: the same loaded models, the same logits,
+the same timing records), and measures only what is missing, with the same harness (``deploykit.measure``). When
+no stage changed the weights, the original's accuracy is its FP32 export's (the same weights, parity-checked at
+export), evaluated once.
 
 Example:
     >>> report = compare_models(state, recipe, artifact_dir / "model.onnx", console, notes)
@@ -27,71 +30,104 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
     """The report's models, fidelity, latency and per-class sections (the caller adds run metadata)."""
     from .backends import create_backend
     from .environment import machine_line
-    from .evaluate import classification_metrics, fidelity, predict
-    from .timing import measure_in_blocks
+    from .evaluate import classification_metrics, fidelity
+    from .measure import array_batches, logits_for, time_batch_sizes
+    from .stages.select_runtime import TORCH
+    from .variants import REFERENCE
 
     ev, pre = recipe.eval, state.preprocessing
-    variants = {"original": (create_backend("torch", state.teacher, threads=ev.threads), state.teacher)}
+    measured = state.measured
+    cached = measured.backends if measured is not None else {}
+    # report key -> (name in the measurements, how to load it if select_runtime did not, what its size is)
+    keys = {"original": (TORCH, lambda: create_backend("torch", state.teacher, threads=ev.threads), state.teacher)}
     if state.onnx_fp32_path is not None and state.onnx_fp32_path.exists() and state.precision != "fp32":
-        variants["onnx_fp32"] = (create_backend("onnxruntime", state.onnx_fp32_path, threads=ev.threads),
-                                 state.onnx_fp32_path)
+        keys["onnx_fp32"] = (REFERENCE, lambda: create_backend("onnxruntime", state.onnx_fp32_path,
+                                                               threads=ev.threads), state.onnx_fp32_path)
     settings = {k: v for k, v in state.runtime.settings.items() if k != "precision"}
-    variants["compressed"] = (create_backend(state.runtime.backend, final, threads=ev.threads,
-                                             precision=state.precision, **settings), final)
+    keys["compressed"] = (state.runtime.variant or "shipped", lambda: create_backend(
+        state.runtime.backend, final, threads=ev.threads, precision=state.precision, **settings), final)
+    names = {key: name for key, (name, _, _) in keys.items()}
+    backends = {key: cached[name] if name in cached else make() for key, (name, make, _) in keys.items()}
+
+    # Accuracy: one pass over shared batches for whatever select_runtime did not already evaluate on these inputs.
+    data = state.data
+    inputs = data.eval if data is not None else state.check_inputs()
+    known = dict(measured.logits) if measured is not None and _same_inputs(measured, data, inputs) else {}
+    if not state.weights_changed and REFERENCE in known and names["original"] not in known:
+        known[names["original"]] = known[REFERENCE]  # fused + exported = the original's function (parity-checked)
+        notes.append("the original's accuracy is that of its FP32 ONNX export: the same weights, parity-checked "
+                     "at export, evaluated once")
+    todo = {key: backends[key] for key in keys if names[key] not in known}
+    if todo:
+        with console.status(f"evaluating {', '.join(todo)} on {len(inputs)} inputs..."):
+            batches = ((x for x, _ in inputs.batches(pre, recipe.data.batch_size)) if data is not None
+                       else array_batches(inputs, 64))
+            for key, lg in logits_for(todo, batches).items():
+                known[names[key]] = lg
+    logits = {key: known[names[key]] for key in keys}
 
     models: dict[str, dict] = {}
-    logits: dict[str, np.ndarray] = {}
-    for key, (backend, obj) in variants.items():
-        models[key] = {"backend": backend.name, "precision": backend.precision, "size_mb": _size_mb(obj),
-                       "runtime": backend.info()}
-        if state.data is not None:
-            with console.status(f"evaluating {key} on {len(state.data.eval)} images..."):
-                logits[key] = predict(backend, state.data.eval, pre, recipe.data.batch_size)
-            models[key].update(classification_metrics(logits[key], state.data.eval.labels, len(pre.class_names)))
+    for key, (_, _, obj) in keys.items():
+        models[key] = {"backend": backends[key].name, "precision": backends[key].precision, "size_mb": _size_mb(obj),
+                       "runtime": backends[key].info()}
+        if data is not None:
+            models[key].update(classification_metrics(logits[key], data.eval.labels, len(pre.class_names)))
         else:
-            logits[key] = backend.run(state.check_inputs())
             models[key].update({"top1": None, "top5": None, "macro_f1": None, "per_class_f1": None})
 
     fid = fidelity(logits["original"], logits["compressed"])
     fid["inputs"] = int(len(logits["original"]))
-    fid["inputs_kind"] = "evaluation images" if state.data is not None else "held-out synthetic inputs"
+    fid["inputs_kind"] = "evaluation images" if data is not None else "held-out synthetic inputs"
 
-    sample = state.check_inputs()
+    # Latency: select_runtime's records where it timed these variants at these batch sizes; the rest timed here.
+    records: dict[str, dict[int, object]] = {key: {} for key in keys}
+    missing: dict[int, list[str]] = {}
     for bs in ev.latency_batch_sizes:
-        x = np.resize(sample, (bs, *sample.shape[1:])).astype(np.float32)
-        with console.status(f"timing batch {bs}..."):
-            for b, _ in variants.values():  # first-call allocations and graph compilation stay out of the numbers
-                for _ in range(ev.warmup_runs):
-                    b.run(x)
-            # PyTorch's OpenMP workers spin after each call and slow whichever runtime runs next on 2 cores
-            # (measured: ORT INT8 bs32 5.3 ms right after torch blocks vs 2.4 ms without), so the exported
-            # runtimes are interleaved with each other and torch is timed on its own afterwards.
-            groups = [[k for k in variants if variants[k][0].name != "torch"],
-                      [k for k in variants if variants[k][0].name == "torch"]]
-            stats = {}
-            for group in filter(None, groups):
-                stats.update(measure_in_blocks({k: variants[k][0].run for k in group}, x,
-                                               rounds=max(2, ev.latency_runs // 5), block_runs=5,
-                                               time_budget_s=ev.latency_budget_s))
-        for key, s in stats.items():
-            lat = models[key].setdefault("latency_ms", {})
-            lat.update({f"bs{bs}_p50": s.p50, f"bs{bs}_p90": s.p90, f"bs{bs}_p99": s.p99})
-            models[key].setdefault("throughput_ips", {})[f"bs{bs}"] = round(s.throughput, 1)
-            models[key].setdefault("latency_runs", {})[f"bs{bs}"] = s.runs
+        run = measured.timings.get(bs) if measured is not None else None
+        for key in keys:
+            if run is not None and names[key] in run.records:
+                records[key][bs] = run.records[names[key]]
+            else:
+                missing.setdefault(bs, []).append(key)
+    for bs, todo_keys in missing.items():
+        with console.status(f"timing {', '.join(todo_keys)} at batch {bs}..."):
+            run = time_batch_sizes({k: backends[k].run for k in todo_keys}, state.check_inputs(), [bs],
+                                   max_rounds=max(2, ev.latency_runs // 5), warmup=max(1, ev.warmup_runs),
+                                   time_budget_s=ev.latency_budget_s, eliminate=False)[bs]
+        for key in todo_keys:
+            records[key][bs] = run.records[key]
+    for key, by_bs in records.items():
+        for bs, rec in sorted(by_bs.items()):
+            m = models[key]
+            m.setdefault("latency_ms", {}).update({f"bs{bs}_p50": rec.p50, f"bs{bs}_p90": rec.p90,
+                                                   f"bs{bs}_p99": rec.p99})
+            m.setdefault("throughput_ips", {})[f"bs{bs}"] = round(rec.throughput, 1)
+            m.setdefault("latency_runs", {})[f"bs{bs}"] = rec.runs
+            m.setdefault("timing", {})[f"bs{bs}"] = rec.to_dict()
 
     report: dict[str, Any] = {"models": models, "fidelity": fid, "latency_batch_sizes": ev.latency_batch_sizes,
-                              "environment": {"machine": machine_line(), "threads": variants["original"][0].threads}}
+                              "environment": {"machine": machine_line(), "threads": backends["original"].threads}}
     _speed_notes(models, ev.latency_batch_sizes, state.precision, notes)
-    if state.data is not None:
+    if data is not None:
         from .forgetting import forgetting_report
 
         report["per_class"] = _per_class(models, pre.class_names)
-        report["forgetting"] = forgetting_report(state.data.eval.labels, logits["original"], logits["compressed"],
+        report["forgetting"] = forgetting_report(data.eval.labels, logits["original"], logits["compressed"],
                                                  pre.class_names)
         drop = models["original"]["top1"] - models["compressed"]["top1"]
         notes.append(f"top-1 {models['original']['top1']:.2f}% -> {models['compressed']['top1']:.2f}% "
-                     f"({-drop:+.2f} points) on {len(state.data.eval)} evaluation images")
+                     f"({-drop:+.2f} points) on {len(data.eval)} evaluation images")
     return report
+
+
+def _same_inputs(measured, data, inputs) -> bool:
+    """Were select_runtime's logits computed on exactly the inputs the report evaluates on?"""
+    ref = next(iter(measured.logits.values()), None)
+    if ref is None or len(ref) != len(inputs):
+        return False
+    if data is None:
+        return measured.labels is None
+    return measured.labels is not None and np.array_equal(measured.labels, data.eval.labels)
 
 
 def _speed_notes(models: dict, batch_sizes: list[int], precision: str, notes: list[str]) -> None:

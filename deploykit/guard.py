@@ -142,7 +142,7 @@ def guard_quantization(fp32: Path, workdir: Path, calibration: Iterable[np.ndarr
     Args:
         labels: ground truth for ``x``; None = judge against the FP32 model's own predictions.
     """
-    from .timing import measure_interleaved
+    from .measure import time_variants
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
@@ -211,11 +211,11 @@ def guard_quantization(fp32: Path, workdir: Path, calibration: Iterable[np.ndarr
         xb = np.resize(x, (latency_batch, *x.shape[1:])).astype(np.float32)
         sessions = {"fp32": _session(fp32), "int8_all": _session(rq.dir / "guard.all.onnx"), "guarded": _session(final)}
         name = sessions["fp32"].get_inputs()[0].name
-        stats = measure_interleaved({k: (lambda a, s=s: s.run(None, {name: a})) for k, s in sessions.items()}, xb,
-                                    warmup=2, runs=latency_runs, time_budget_s=20)
-        facts["latency_ms"] = {k: v.p50 for k, v in stats.items()}
+        run = time_variants({k: (lambda a, s=s: s.run(None, {name: a})) for k, s in sessions.items()}, xb,
+                            max_rounds=max(2, latency_runs // 2), time_budget_s=20, eliminate=False)
+        facts["latency_ms"] = run.p50()
         facts["latency_batch"] = latency_batch
-        facts["latency_cost_vs_int8"] = round(stats["guarded"].p50 / stats["int8_all"].p50, 3)
+        facts["latency_cost_vs_int8"] = round(run.records["guarded"].p50 / run.records["int8_all"].p50, 3)
     facts["seconds"] = round(time.perf_counter() - t0, 2)
     for p in rq.dir.glob("guard.*.onnx"):
         p.unlink(missing_ok=True)

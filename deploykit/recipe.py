@@ -110,7 +110,11 @@ class DataConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     check_images: int = Field(256, ge=8, description="held-out images for every stage's parity check")
     synthetic_images: int = Field(32, ge=1, description="data-free: BN-matched inputs synthesized for calibration")
-    synthetic_steps: int = Field(8, ge=0, description="data-free: optimisation steps per synthetic batch")
+    synthetic_steps: int = Field(4, ge=0, description="data-free: optimisation steps per synthetic batch (0 = "
+                                                       "Gaussian noise); 4 kept the INT8 fidelity of 8 on real "
+                                                       "images at half the time (bench/results/synthesis_curve.md)")
+    synthetic_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="data-free: BF16 autocast for the synthesis passes; auto = where the CPU has native BF16")
     seed: int = 0
 
 

@@ -19,6 +19,14 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _timing_cell(rec: dict | None, fallback: Any = None) -> str:
+    """'4.12 [4.05, 4.30] n=15': the median, its 95% interval and how many timed runs (one harness record)."""
+    if not rec:
+        return _fmt(fallback)
+    lo, hi = rec.get("p50_interval", [None, None])
+    return f"{rec['p50']:.2f} [{_fmt(lo)}, {_fmt(hi)}] n={rec['runs']}"
+
+
 def summary_rows(report: dict) -> list[list[str]]:
     """One row per model: name, backend, precision, top-1, macro-F1, latency per batch size, size."""
     rows = []
@@ -43,6 +51,9 @@ def render_markdown(report: dict) -> str:
              f"{report['data'].get('eval_images')} evaluation images).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
+    lines += ["", "Latency detail (median [95% interval] n=runs, the same records as the runtime table): "
+              + "; ".join(f"{key} " + ", ".join(f"{b} {_timing_cell(t)}" for b, t in m.get("timing", {}).items())
+                          for key, m in report["models"].items() if m.get("timing"))]
     fid = report.get("fidelity", {})
     lines += ["", f"Fidelity (compressed vs original, {fid.get('inputs', '?')} inputs): top-1 agreement "
               f"{_fmt(fid.get('top1_agreement'), 3)}%, max |logit diff| {_fmt(fid.get('max_abs_logit_diff'), 4)}, "
@@ -59,14 +70,17 @@ def render_markdown(report: dict) -> str:
     if sel.get("candidates"):
         sizes = sorted({k for c in sel["candidates"] for k in c.get("latency_ms", {})}, key=lambda k: int(k[2:]))
         lines += ["", "## Runtime chosen by measurement", "", f"**{sel['chosen']}**: {sel.get('reason', '')}", "",
+                  "Latency: median ms [95% interval on the median] n=timed runs; a candidate that could not be the "
+                  "fastest stopped being timed early. Timing stopped: "
+                  + "; ".join(f"{k}: {v}" for k, v in sel.get("timing_stopped", {}).items()) + ".", "",
                   "| variant | " + " | ".join(f"{b} ms" for b in sizes) + " | top-1 % | agreement % | verdict |",
                   "|---|" + "---|" * (len(sizes) + 3)]
         for c in sel["candidates"]:
-            lat = [_fmt(c.get("latency_ms", {}).get(b)) for b in sizes]
+            lat = [_timing_cell(c.get("timing", {}).get(b), c.get("latency_ms", {}).get(b)) for b in sizes]
             lines.append(f"| {c['name']} | " + " | ".join(lat) + f" | {_fmt(c.get('top1'))} | "
                          f"{_fmt(c.get('top1_agreement'))} | {c.get('verdict', '')} |")
         for name, b in sel.get("baselines", {}).items():
-            lat = [_fmt(b.get("latency_ms", {}).get(k)) for k in sizes]
+            lat = [_timing_cell(b.get("timing", {}).get(k), b.get("latency_ms", {}).get(k)) for k in sizes]
             lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | |")
     if report.get("forgetting"):
         from .forgetting import forgetting_markdown

@@ -137,13 +137,15 @@ def _check_artifact(res, expect_model_type: str | None, int8_expected=()) -> dic
     assert sqnr >= BOUND_DB[shipped["precision"]], (
         f"{sel['chosen']} shipped at {sqnr:.1f} dB (< {BOUND_DB[shipped['precision']]}); {sel['reason']}")
     # Every other candidate the artifact holds: an eligible one could have shipped (a 1-round timing on another
-    # CPU picks another), so it must meet its bound too; one that misses it must have been ruled out.
+    # CPU picks another), so it must meet its bound too; one that misses it must have been ruled out: by its
+    # accuracy, or, never evaluated, by its speed (slower than its FP32 counterpart or than the shipped one).
     by_name = {}
     for row in sel["candidates"]:
         be = create_backend(row["backend"], art.path / row["model"], precision=row["precision"], **row["settings"])
         by_name[row["name"]] = round(centered_sqnr_db(ref, be.run(x)), 1)
         if by_name[row["name"]] < BOUND_DB[row["precision"]]:
-            assert row["verdict"].startswith("outside the accuracy budget"), (row["name"], by_name[row["name"]], row)
+            assert row["verdict"].startswith("outside the accuracy budget") or not row["evaluated"], (
+                row["name"], by_name[row["name"]], row)
 
     # What shipped and why.
     assert art.runtime["variant"] == sel["chosen"] and sel["reason"]

@@ -82,6 +82,22 @@ def test_cli_dry_run_prints_resolved_recipe(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_cli_set_overrides_any_recipe_field_and_refuses_bad_ones():
+    def dry(*sets):
+        return subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--int8", "--dry-run",
+                               *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+
+    out = dry("stages.select_runtime.early_stop=false", "stages.select_runtime.batch_sizes=[1, 8]")
+    assert out.returncode == 0, out.stderr
+    cfg = parse_recipe(yaml.safe_load(out.stdout)).stage("select_runtime").config
+    assert cfg.early_stop is False and cfg.batch_sizes == [1, 8]
+    for bad, message in (("nope", "error: --set 'nope' is not KEY=VALUE"),
+                         ("stages.select_runtime.bogus=1", "error: invalid recipe int8-ptq + overrides: "
+                                                           "stages.4.bogus: Extra inputs are not permitted")):
+        out = dry(bad)
+        assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_cli_conflicting_presets_exit_2():
     out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--int8", "--fp16", "--dry-run"],
                          capture_output=True, text=True)

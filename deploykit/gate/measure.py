@@ -12,11 +12,11 @@ Example:
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
+
+from ..measure import CLOCKS, paired_ratios as measure_ratios, with_planted_slowdown
 
 
 def synthetic_reference_model(path: Path) -> Path:
@@ -106,71 +106,12 @@ def model_reference(artifact, base_dir: Path | None = None) -> dict:
     return {**spec, "path": f"{base_dir.name}/{model.name}"}
 
 
-# The gate's clocks. 'cpu': CPU time of this process (all its threads), which a neighbour preempting us
-# does not advance; on the loaded 2-core machine it shrank the bs32 A/A CI from -19%..+81% (wall) to
-# -0.1%..+2.9% in the same 2 s. 'wall': elapsed time; for sub-millisecond calls it was the better one
+# The gate's clocks (``deploykit.measure.CLOCKS``). 'cpu': CPU time of this process (all its threads), which a
+# neighbour preempting us does not advance; on the loaded 2-core machine it shrank the bs32 A/A CI from -19%..+81%
+# (wall) to -0.1%..+2.9% in the same 2 s. 'wall': elapsed time; for sub-millisecond calls it was the better one
 # (bs1, 0.2 ms: median CI width 1.9% vs 4.2% for cpu, whose accounting is coarse at that scale).
 # 'auto' (default) picks wall below AUTO_CLOCK_MS per model call and cpu above (docs/benchmarks.md).
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 AUTO_CLOCK_MS = 2.0
-
-
-def with_planted_slowdown(fn: Callable[[], Any], fraction: float, clock: str = "cpu") -> Callable[[], Any]:
-    """``fn`` made ``fraction`` slower: after each call, spin for ``fraction`` x that call's own time.
-
-    The spin is measured on the gate's ``clock``, so the planted cost is exact in the unit the gate
-    measures and scales with load like the model does. Used by bench/gate_proof.py.
-    """
-    if fraction <= 0:
-        return fn
-    now = CLOCKS[clock]
-
-    def slowed():
-        t0 = now()
-        out = fn()
-        end = now() + fraction * (now() - t0)
-        while now() < end:
-            pass
-        return out
-
-    return slowed
-
-
-def measure_ratios(candidate: Callable[[], Any], reference: Callable[[], Any], seconds: float = 3.0,
-                   min_rounds: int = 30, max_rounds: int = 20000, warmup: int = 5, warmup_s: float = 0.3,
-                   clock: str = "cpu") -> dict:
-    """Alternate candidate and reference calls (ABBA order) for ``seconds`` (wall); per-round time ratios.
-
-    Each call is timed on ``clock`` ('cpu' = process CPU time, 'wall' = elapsed; see CLOCKS).
-
-    Warm-up runs at least ``warmup`` rounds and ``warmup_s`` seconds: the first fraction of a second after
-    creating a session ran measurably faster or slower than the rest (allocator, caches, clocks).
-
-    Returns:
-        {"ratios": [...], "candidate_ms": [...], "reference_ms": [...], "rounds": n, "seconds": s}
-    """
-    wall = time.perf_counter
-    t_warm, i = wall(), 0
-    while i < warmup or wall() - t_warm < warmup_s:
-        candidate()
-        reference()
-        i += 1
-    cand_ms, ref_ms = [], []
-    clock = CLOCKS[clock]
-    start = wall()
-    i = 0
-    while i < max_rounds and (i < min_rounds or wall() - start < seconds):
-        if i % 2 == 0:
-            t0 = clock(); candidate(); t1 = clock(); reference(); t2 = clock()  # noqa: E702
-            c, r = t1 - t0, t2 - t1
-        else:
-            t0 = clock(); reference(); t1 = clock(); candidate(); t2 = clock()  # noqa: E702
-            r, c = t1 - t0, t2 - t1
-        cand_ms.append(c * 1000.0)
-        ref_ms.append(r * 1000.0)
-        i += 1
-    return {"ratios": [c / r for c, r in zip(cand_ms, ref_ms)], "candidate_ms": cand_ms, "reference_ms": ref_ms,
-            "rounds": i, "seconds": round(wall() - start, 3)}
 
 
 def _median(xs: list[float]) -> float:

@@ -35,7 +35,7 @@ class Distill(Stage):
                             fix=f"pass --data ({data_help()})")
         model, res = fit_distill(state.model, state.teacher, state.data.train, state.preprocessing, self.config,
                                  log=state.log, tag="distill")
-        state.model = model
+        state.model, state.weights_changed = model, True
         # the guard may judge quantization on these train images: held out from fine-tuning, never the eval split
         state.validation_indices = res.val_indices
         facts = {"best_epoch": res.best_epoch, "val_top1": res.best["top1"], "val_macro_f1": res.best["macro_f1"],

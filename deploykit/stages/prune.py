@@ -251,7 +251,7 @@ class Prune(Stage):
         if out.shape != ref.shape:
             raise UnsupportedModelError(f"pruning {arch} changed the output shape {tuple(ref.shape)} -> "
                                         f"{tuple(out.shape)}", fix="compress without pruning (--int8)")
-        state.model = model
+        state.model, state.weights_changed = model, True
         if timm_arch(model):
             save_pruned(model, state.workdir / PRUNED_FILE, num_classes=out.shape[1], in_chans=pre.channels,
                         model_kwargs=state.model_kwargs)

@@ -1,9 +1,14 @@
-"""Pick the CPU runtime by measurement: every candidate is evaluated and timed here, the fastest within budget ships.
+"""Pick the CPU runtime by measurement: candidates are timed side by side, the fastest within budget ships.
 
 Candidates are the registered runtime variants (``deploykit.variants``, declared by each backend module) whose
 model an earlier stage wrote: the float export always gives ``onnxruntime-fp32`` (the reference) and
 ``openvino-fp32``; ``quantize_onnx`` adds ``onnxruntime-int8`` and ``openvino-qdq``; ``quantize_openvino`` adds
 ``openvino-int8``; ``qat`` adds ``onnxruntime-qat`` and ``openvino-qat``. Each names the FP32 variant it must beat.
+
+Measured with the one harness (``deploykit.measure``): every candidate (and PyTorch eager, as a baseline) is timed
+in alternating blocks with early stopping; then the FP32 reference is evaluated, and candidates are evaluated
+fastest first until the chosen one has met the accuracy budget (``evaluate: all`` evaluates every one). What was
+measured stays in ``state.measured``, so the report shows these same numbers.
 
 Rules (``choose_runtime``, pure and tested on recorded numbers): a variant is eligible when it meets the
 accuracy budget and is no slower than its FP32 counterpart at any timed batch size; the eligible one with
@@ -27,6 +32,7 @@ from ..errors import RecipeError
 from .config import StageConfig
 from ..variants import REFERENCE
 from .base import PipelineState, RuntimeCandidate, RuntimeChoice, Stage, register
+from .state import Measurements
 
 TORCH = "torch-eager-fp32"  # timed beside the candidates as a baseline; never a candidate itself
 
@@ -103,25 +109,6 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
             "verdicts": verdicts, "scores": scores}
 
 
-def time_in_blocks(fns: dict, x: np.ndarray, *, rounds: int = 6, block_runs: int = 5, warmup: int = 1,
-                   time_budget_s: float | None = None) -> dict[str, tuple[float, int]]:
-    """Median latency (ms) of each fn, timed in short blocks that alternate between fns round by round.
-
-    Why blocks and not run-by-run alternation: different runtimes keep their own thread pools, which
-    spin for a while after a call; on 2 shared cores the next runtime pays for that spinning (a tiny
-    resnet10t: OpenVINO 15.7 ms strictly alternated vs 6.3 ms in blocks). The untimed warm-up run at
-    the start of every block absorbs the switch; alternating blocks still spreads drifting load over all.
-
-    Returns:
-        {name: (median latency in ms over every timed run, timed runs)}.
-    """
-    from ..timing import measure_in_blocks
-
-    stats = measure_in_blocks(fns, x, rounds=rounds, block_runs=block_runs, warmup=warmup,
-                              time_budget_s=time_budget_s)
-    return {n: (st.p50, st.runs) for n, st in stats.items()}
-
-
 def budget_notes(fid: dict, top1_drop: float | None, *, retrained: bool, min_top1_agreement: float,
                  min_sqnr_db: float, max_top1_drop: float) -> list[str]:
     """Why a candidate is outside the accuracy budget (empty list: within it).
@@ -176,11 +163,20 @@ class SelectRuntime(Stage):
         min_sqnr_db: float = Field(20.0, description="SQNR vs FP32 that excuses a low agreement on near-tied logits")
         eval_images: int | None = Field(None, ge=1, description="evaluation images per candidate; None = all")
         batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
-        rounds: int = Field(6, ge=1, description="timing rounds; each round times every candidate once, in a block")
-        block_runs: int = Field(5, ge=1, description="timed runs per candidate per round (the block's median counts)")
-        warmup_runs: int = Field(1, ge=0, description="untimed runs at the start of every block")
-        time_budget_s: float = Field(60.0, gt=0, description="per batch size: stop after the round that passes it "
-                                                             "(at least 2 rounds)")
+        rounds: int = Field(6, ge=1, description="most timing rounds per batch size; each times every candidate "
+                                                 "still in the race once, in a block")
+        block_runs: int = Field(5, ge=1, description="most timed runs per candidate per block (a block holds about "
+                                                     "0.3 s of runs, at least one)")
+        warmup_runs: int = Field(1, ge=0, description="untimed runs per candidate before timing a batch size")
+        time_budget_s: float = Field(20.0, gt=0, description="timing budget for all batch sizes together: stop after "
+                                                             "the round that passes it (at least 2 rounds each)")
+        decide_within: float = Field(0.05, ge=0, description="stop timing once every candidate still in the race is "
+                                                             "within this fraction of the fastest (a tie)")
+        early_stop: bool = Field(True, description="stop timing a candidate once it cannot be the fastest, and all "
+                                                   "timing once the winner is decided; False: every round for all")
+        evaluate: Literal["needed", "all"] = Field("needed", description="needed: evaluate the reference and then "
+                                                   "candidates fastest first until one meets the budget; all: every "
+                                                   "candidate")
         threads: int | None = Field(None, ge=1, description="None = physical cores")
         time_torch: bool = Field(True, description="also time PyTorch eager FP32 (the original model) as a baseline")
 
@@ -196,6 +192,8 @@ class SelectRuntime(Stage):
 
     def run(self, state: PipelineState) -> dict:
         from ..evaluate import classification_metrics, fidelity
+        from ..measure import array_batches, logits_for, time_batch_sizes
+
         c = self.config
         if state.target != "cpu":
             return {"skipped": f"target {state.target!r} is not cpu"}
@@ -220,78 +218,96 @@ class SelectRuntime(Stage):
         if c.time_torch:
             from ..backends import create_backend
 
-            timed[TORCH] = create_backend("torch", state.teacher, threads=c.threads).run
+            backends[TORCH] = create_backend("torch", state.teacher, threads=c.threads)
+            timed[TORCH] = backends[TORCH].run
 
-        # Accuracy: every candidate on the same inputs, batch by batch (each batch preprocessed once).
-        logits: dict[str, list[np.ndarray]] = {n: [] for n in backends}
+        # Speed first (cheap with early stopping), then accuracy only where it can change the choice.
+        timings = time_batch_sizes(timed, state.check_inputs(), c.batch_sizes, max_rounds=c.rounds,
+                                   block_runs=c.block_runs, warmup=max(1, c.warmup_runs),
+                                   time_budget_s=c.time_budget_s, decide_within=c.decide_within,
+                                   eliminate=c.early_stop)
+        latency = {n: {f"bs{bs}": run.records[n].p50 for bs, run in timings.items()} for n in timed}
+
         labels = None
         if state.data is not None:
             images = state.data.eval.head(c.eval_images, seed=0)
             labels = images.labels
-            for x, _ in images.batches(state.preprocessing, 256):
-                for n, be in backends.items():
-                    logits[n].append(be.run(x))
+
+            def batches():
+                return (x for x, _ in images.batches(state.preprocessing, 256))
         else:
-            x = state.check_inputs()
-            for i in range(0, len(x), 64):
-                for n, be in backends.items():
-                    logits[n].append(be.run(x[i:i + 64]))
-        out = {n: np.concatenate(v) for n, v in logits.items()}
+            x_check = state.check_inputs()
 
-        # Speed: all candidates interleaved run by run, so load on this shared machine hits them alike.
-        sample = state.check_inputs()
-        latency: dict[str, dict[str, float]] = {n: {} for n in timed}
-        runs: dict[str, dict[str, int]] = {n: {} for n in timed}
-        for bs in c.batch_sizes:
-            xb = np.resize(sample, (bs, *sample.shape[1:])).astype(np.float32)
-            stats = time_in_blocks(timed, xb, rounds=c.rounds, block_runs=c.block_runs, warmup=c.warmup_runs,
-                                   time_budget_s=c.time_budget_s)
-            for n, (p50, count) in stats.items():
-                latency[n][f"bs{bs}"] = p50
-                runs[n][f"bs{bs}"] = count
+            def batches():
+                return array_batches(x_check, 64)
 
-        ref_out = out[REFERENCE]
+        out: dict[str, np.ndarray] = {}
+
+        def evaluate(names: list[str]) -> None:
+            todo = {n: backends[n] for n in names if n not in out}
+            if todo:
+                out.update(logits_for(todo, batches()))
+
         ref_top1 = None
-        rows = []
-        for cand in cands:
-            fid = fidelity(ref_out, out[cand.name])
+
+        def row_for(cand) -> dict[str, Any]:
             v = cand.variant
             row: dict[str, Any] = {
                 "name": cand.name, "backend": v.backend, "model": cand.path.name, "precision": v.precision,
                 "settings": v.settings, "counterpart": v.counterpart, "latency_ms": latency[cand.name],
-                "runs": runs[cand.name], "top1_agreement": fid["top1_agreement"], "sqnr_db": fid["sqnr_db"],
-                "top1": None, "runtime": backends[cand.name].info(),
+                "timing": {f"bs{bs}": run.records[cand.name].to_dict() for bs, run in timings.items()},
+                "top1_agreement": None, "sqnr_db": None, "top1": None, "evaluated": cand.name in out,
+                "meets_budget": True, "budget_note": "", "runtime": backends[cand.name].info(),
             }
             if TORCH in latency:
-                row["speedup_vs_torch_eager"] = {k: round(latency[TORCH][k] / v, 3)
-                                                 for k, v in latency[cand.name].items()}
+                row["speedup_vs_torch_eager"] = {k: round(latency[TORCH][k] / ms, 3)
+                                                 for k, ms in latency[cand.name].items()}
+            if cand.name not in out:
+                return row
+            fid = fidelity(out[REFERENCE], out[cand.name])
+            row.update(top1_agreement=fid["top1_agreement"], sqnr_db=fid["sqnr_db"])
             if labels is not None:
-                row["top1"] = classification_metrics(out[cand.name], labels, int(ref_out.shape[1]))["top1"]
-                ref_top1 = ref_top1 if ref_top1 is not None else classification_metrics(ref_out, labels,
-                                                                                          int(ref_out.shape[1]))["top1"]
+                row["top1"] = classification_metrics(out[cand.name], labels, n_classes)["top1"]
                 row["top1_drop"] = round(ref_top1 - row["top1"], 4)
             notes = budget_notes(fid, row.get("top1_drop"), retrained=v.retrained,
                                  min_top1_agreement=c.min_top1_agreement, min_sqnr_db=c.min_sqnr_db,
                                  max_top1_drop=c.max_top1_drop)
-            row["meets_budget"] = not notes
-            row["budget_note"] = "; ".join(notes)
-            rows.append(row)
+            row.update(meets_budget=not notes, budget_note="; ".join(notes))
+            return row
 
-        decision = choose_runtime(rows, objective=c.objective, force=c.force)
+        evaluate([cand.name for cand in cands] if c.evaluate == "all" else [REFERENCE])
+        n_classes = int(out[REFERENCE].shape[1])
+        if labels is not None:
+            ref_top1 = classification_metrics(out[REFERENCE], labels, n_classes)["top1"]
+        # Until the chosen candidate was evaluated: evaluate it and choose again (unevaluated ones count as in budget,
+        # so each pass either confirms the fastest or rules it out).
+        while True:
+            rows = [row_for(cand) for cand in cands]
+            decision = choose_runtime(rows, objective=c.objective, force=c.force)
+            if decision["chosen"] in out:
+                break
+            evaluate([decision["chosen"]])
         for row in rows:
             row["verdict"] = decision["verdicts"][row["name"]]
+            if not row["evaluated"] and row["verdict"] == "eligible":
+                row["verdict"] = "not evaluated: a faster candidate met the accuracy budget"
             row["score"] = decision["scores"][row["name"]]
         chosen = next(cand for cand in cands if cand.name == decision["chosen"])
         reason = decision["reason"]
         if state.withheld:  # models that failed their own stage's fidelity check never became candidates
             reason += "; not candidates: " + "; ".join(f"{k} ({why})" for k, why in state.withheld.items())
         self._apply(state, chosen, rows)
+        state.measured = Measurements(backends=backends, logits=out, labels=labels, timings=timings)
         state.log(f"select_runtime: {chosen.name} ({reason})")
         return {"chosen": chosen.name, "reason": reason, "withheld": dict(state.withheld), "cannot_run": cannot_run,
                 "objective": c.objective,
-                "inputs": int(len(ref_out)), "inputs_kind": "evaluation images" if labels is not None
+                "inputs": int(len(out[REFERENCE])), "inputs_kind": "evaluation images" if labels is not None
                 else "held-out synthetic inputs", "threads": backends[REFERENCE].threads, "candidates": rows,
-                "baselines": {TORCH: {"latency_ms": latency[TORCH], "runs": runs[TORCH]}} if TORCH in latency else {},
+                "timing_stopped": {f"bs{bs}": run.stopped for bs, run in timings.items()},
+                "timing_seconds": round(sum(run.seconds for run in timings.values()), 2),
+                "baselines": {TORCH: {"latency_ms": latency[TORCH],
+                                      "timing": {f"bs{bs}": run.records[TORCH].to_dict()
+                                                 for bs, run in timings.items()}}} if TORCH in latency else {},
                 "int8_paid": _int8_paid(rows)}
 
     @staticmethod

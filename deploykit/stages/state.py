@@ -79,6 +79,7 @@ class StageInputs:
 
     calibration_fn: Callable[[], np.ndarray] | None = None
     check_fn: Callable[[], np.ndarray] | None = None
+    origin: dict[str, Any] = field(default_factory=lambda: {"kind": "data"})  # how they were made (the report's)
     _calibration: np.ndarray | None = None
     _check: np.ndarray | None = None
 
@@ -96,6 +97,19 @@ class StageInputs:
     def calibration_used(self) -> int:
         """How many calibration inputs a stage asked for (0 when none did)."""
         return 0 if self._calibration is None else int(len(self._calibration))
+
+
+@dataclass
+class Measurements:
+    """What select_runtime measured, kept so the report reuses it: each model loaded once, each number measured once.
+
+    ``logits`` are on the evaluation images (``labels`` set) or on the held-out check inputs (``labels`` None).
+    """
+
+    backends: dict[str, Any]                     # variant name -> loaded backend (sessions, compiled models)
+    logits: dict[str, np.ndarray]                # variant name -> logits, for the variants that were evaluated
+    labels: np.ndarray | None
+    timings: dict[int, Any]                      # batch size -> deploykit.measure.TimingRun
 
 
 @dataclass
@@ -120,6 +134,9 @@ class PipelineState:
                                                             # runtime candidates (failed its fidelity check)
     validation_indices: np.ndarray | None = None   # train images a fine-tuning stage held out (never trained on)
     inputs: StageInputs = field(default_factory=StageInputs)
+    weights_changed: bool = False                  # a stage pruned or fine-tuned the float model: it no longer
+                                                   # computes what the original does (the report evaluates both)
+    measured: Measurements | None = None           # set by select_runtime
     log: Callable[[str], None] = print
 
     def add_model(self, kind: ModelKind, path: Path) -> None:

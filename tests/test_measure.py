@@ -1,0 +1,97 @@
+"""The one measurement harness (deploykit.measure): real durations, early stopping, intervals, and that it is the
+only place in the package that times anything in a loop."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploykit.measure import MIN_ORDER_STAT, NOISE, median_interval, time_batch_sizes, time_variants
+
+PACKAGE = Path(__file__).resolve().parents[1] / "deploykit"
+
+
+def sleeper(ms: float):
+    return lambda x: time.sleep(ms / 1000)
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    # n=100: P(Binomial(100, 1/2) <= 39) = 0.018 < 0.025 <= P(<= 40) = 0.028, so the 95% interval is X(41)..X(60),
+    # i.e. 0-based indices 40 and 59 of the sorted samples
+    assert median_interval(np.arange(100.0)) == (40.0, 59.0)
+    assert median_interval(np.arange(100.0)[::-1]) == (40.0, 59.0)  # order of arrival does not matter
+    # too few samples for order statistics: the machine's noise factor around the observed range
+    assert median_interval([2.0, 3.0]) == (2.0 / NOISE, 3.0 * NOISE)
+    lo, hi = median_interval(np.arange(float(MIN_ORDER_STAT)))
+    assert 0.0 <= lo <= hi <= MIN_ORDER_STAT - 1
+
+
+def test_without_early_stopping_every_variant_gets_every_round():
+    run = time_variants({"fast": sleeper(2), "slow": sleeper(8)}, np.zeros(1), max_rounds=3, block_runs=3,
+                        eliminate=False)
+    fast, slow = run.records["fast"], run.records["slow"]
+    assert fast.runs == slow.runs == 9 and fast.blocks == slow.blocks == 3 and run.rounds == 3
+    assert 2.0 <= fast.p50 < 6.0 and 8.0 <= slow.p50 < 14.0  # sleep never returns early; load may add a little
+    assert fast.cpu_p50 < 1.0  # sleeping costs no CPU: the CPU clock is recorded from the same runs
+    lo, hi = fast.interval
+    assert lo <= fast.p50 <= hi
+
+
+def test_a_variant_that_cannot_win_stops_being_timed():
+    run = time_variants({"fast": sleeper(2), "slow": sleeper(30)}, np.zeros(1), max_rounds=6, block_runs=5)
+    assert run.stopped.startswith("decided after round 1: only fast")
+    assert run.records["slow"].stopped.startswith("eliminated after round 1")
+    assert run.rounds == 1 and run.records["slow"].runs <= 5  # 30 ms calls: 0.3-s blocks hold at most 5
+    # a call so slow that a block holds one run is timed twice before it can be ruled out
+    slow = time_variants({"fast": sleeper(2), "slow": sleeper(320)}, np.zeros(1), max_rounds=6)
+    assert slow.stopped.startswith("decided after round 2") and slow.records["slow"].runs == 2
+    assert run.records["slow"].p50 >= 30.0
+
+
+def test_equal_variants_stop_as_a_tie_and_budget_stops_the_rest():
+    tie = time_variants({"a": sleeper(5), "b": sleeper(5)}, np.zeros(1), max_rounds=20, decide_within=0.5)
+    assert tie.stopped.startswith("tie after round 2") and tie.rounds == 2
+    budget = time_variants({"a": sleeper(5), "b": sleeper(5)}, np.zeros(1), max_rounds=50, eliminate=False,
+                           time_budget_s=0.05)
+    assert budget.stopped.startswith("time budget") and budget.rounds == 2  # at least min_rounds, then stop
+
+
+def test_slow_calls_get_one_run_per_block():
+    run = time_variants({"slow": sleeper(200), "mid": sleeper(120)}, np.zeros(1), max_rounds=2, eliminate=False)
+    # a 0.3-s block holds one 200-ms run and two 120-ms runs (what fits, at least one)
+    assert (run.records["slow"].runs, run.records["mid"].runs) == (2, 4)
+    runs = time_batch_sizes({"a": lambda x: time.sleep(0.001 * len(x))}, np.zeros((1, 3)), [1, 4], max_rounds=2,
+                            eliminate=False)
+    assert runs[4].records["a"].p50 > runs[1].records["a"].p50 and runs[4].batch_size == 4
+
+
+CLOCK_NAMES = {"perf_counter", "process_time", "monotonic", "time", "perf_counter_ns", "process_time_ns"}
+
+
+def _clock_calls_in_loops(tree: ast.AST) -> list[int]:
+    lines = []
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.While, ast.AsyncFor, ast.comprehension)):
+            continue
+        for node in ast.walk(loop if not isinstance(loop, ast.comprehension) else loop.iter):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CLOCK_NAMES
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "time"):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_harness_is_the_only_timing_loop_in_the_package():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "measure.py" and path.parent == PACKAGE:
+            continue
+        lines = _clock_calls_in_loops(ast.parse(path.read_text()))
+        if lines:
+            offenders[str(path.relative_to(PACKAGE))] = lines
+    assert offenders == {}, f"time.* called inside a loop outside deploykit/measure.py: {offenders}"
+    # and the detector does detect one
+    assert _clock_calls_in_loops(ast.parse("import time\nfor i in range(3):\n    t = time.perf_counter()\n")) == [3]
