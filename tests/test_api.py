@@ -56,7 +56,7 @@ def test_reference_int8_keeps_accuracy(reference_artifact):
             assert abs(row["top1"] - orig["top1"]) <= 1.0 and row["top1_agreement"] >= 98.0, row["name"]
     fp32_mb = (reference_artifact.path / "model.fp32.onnx").stat().st_size
     assert (reference_artifact.path / "model.int8.onnx").stat().st_size < 0.4 * fp32_mb  # int8 weights
-    assert rep["data"] == {"name": "fashion-mnist", "real": True, "calibration_images": 512, "eval_images": 2000}
+    assert rep["data"] == {"name": "fashion-mnist", "real": True, "calibration_images": 300, "eval_images": 2000}
 
 
 def test_one_record_per_number_selection_and_final_tables_agree(reference_artifact):

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from deploykit.measure import MIN_ORDER_STAT, NOISE, median_interval, time_batch_sizes, time_variants
 

@@ -65,7 +65,7 @@ def test_overrides_are_typed_and_checked():
     r = load_recipe("int8-ptq").with_overrides({"stages.quantize_onnx.method": "entropy", "data.name": "x",
                                                  "data.calibration_images": None})
     assert r.stage("quantize_onnx").config.method == "entropy"
-    assert r.data.name == "x" and r.data.calibration_images == 512
+    assert r.data.name == "x" and r.data.calibration_images == 300
     with pytest.raises(RecipeError, match="needs stage 'quantize_onnx'"):
         load_recipe("fp32").with_overrides({"stages.quantize_onnx.method": "entropy"})
     with pytest.raises(RecipeError, match="calibration_images: Input should be greater than or equal to 1"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..measure import CLOCKS, paired_ratios as measure_ratios, with_planted_slowdown
+from ..measure import CLOCKS, paired_ratios as measure_ratios, with_planted_slowdown  # noqa: F401 (re-exported)
 
 
 def synthetic_reference_model(path: Path) -> Path:

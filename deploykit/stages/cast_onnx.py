@@ -60,7 +60,7 @@ class Cast(Stage):
             raise ParityError("cast needs a float ONNX model", fix="put export_onnx before it in the recipe")
         src = state.onnx_fp32_path
         x = state.check_inputs()
-        ref = run_batched(create_backend("onnxruntime", src).run, x)
+        ref = state.reference_check_logits()
         if c.dtype == "fp16":
             path = cast_fp16(src, state.workdir / "model.fp16.onnx")
             backend, runtime = create_backend("onnxruntime", path, precision="fp16"), RuntimeChoice("onnxruntime")

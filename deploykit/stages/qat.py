@@ -304,7 +304,7 @@ class Qat(Stage):
                               f"(limit {c.min_sqnr_vs_fake_quant})",
                               fix="report the model as a bug; meanwhile use the int8-ptq recipe")
         run = lambda p: run_batched(create_backend("onnxruntime", p).run, x)  # noqa: E731
-        got, ref = run(dst), run(state.onnx_fp32_path)
+        got, ref = run(dst), state.reference_check_logits()
         facts = {"file": dst.name, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
                  "history": res.history, "train_images": res.train_images, "reduce_range": c.reduce_range,
                  "calibration_images": int(len(calib)), "fidelity_vs_fp32": fidelity(ref, got),

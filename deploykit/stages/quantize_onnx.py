@@ -184,7 +184,7 @@ class QuantizeOnnx(Stage):
                  "op_types": op_types or "all (ONNX Runtime default)"}
         x = state.check_inputs()
         run = lambda p: run_batched(create_backend("onnxruntime", p).run, x)  # noqa: E731
-        ref = run(src)
+        ref = state.reference_check_logits() if src == state.onnx_fp32_path else run(src)
         try:
             quantize_onnx(state.onnx_path, dst, (calib[i:i + bs] for i in range(0, len(calib), bs)),
                           method=c.method, per_channel=c.per_channel, activation_type=c.activation_type,

@@ -137,6 +137,7 @@ class PipelineState:
     weights_changed: bool = False                  # a stage pruned or fine-tuned the float model: it no longer
                                                    # computes what the original does (the report evaluates both)
     measured: Measurements | None = None           # set by select_runtime
+    _reference_check: tuple[Path, np.ndarray] | None = None   # (onnx_fp32_path, its logits on the check inputs)
     log: Callable[[str], None] = print
 
     def add_model(self, kind: ModelKind, path: Path) -> None:
@@ -172,3 +173,15 @@ class PipelineState:
     def check_inputs(self) -> np.ndarray:
         """Inputs for parity checks: held-out real images, or held-out synthetic ones."""
         return self.inputs.check()
+
+    def reference_check_logits(self, logits: np.ndarray | None = None) -> np.ndarray:
+        """The FP32 ONNX model's logits on the check inputs: every later model is checked against them, so they
+        are computed once (export_onnx hands over the ones its parity check computed)."""
+        path = self.onnx_fp32_path
+        if logits is not None:
+            self._reference_check = (path, logits)
+        elif self._reference_check is None or self._reference_check[0] != path:
+            from ..backends import create_backend, run_batched
+
+            self._reference_check = (path, run_batched(create_backend("onnxruntime", path).run, self.check_inputs()))
+        return self._reference_check[1]
