@@ -87,7 +87,7 @@ def run(label: str, args: list[str], out: Path, extra: list[str]) -> dict:
     return {"label": label, "command": "deploykit compress " + " ".join([*args, "--int8", *extra]),
             "wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "report_total_s": rep["total_seconds"], "stages": {s["name"]: s["seconds"] for s in rep["stages"]},
-            "evaluation_s": round(rep["total_seconds"] - sum(s["seconds"] for s in rep["stages"]), 1),
+            "other_s": round(rep["total_seconds"] - sum(s["seconds"] for s in rep["stages"]), 1),
             "chosen": sel.get("chosen"), "timing_stopped": sel.get("timing_stopped"),
             "timing_s": sel.get("timing_seconds"),
             "latency_ms": {n: r["latency_ms"] for n, r in rows.items()},
@@ -106,13 +106,13 @@ def same_choice(fast: dict, full: dict) -> dict:
 def markdown(r: dict) -> str:
     lines = ["# How long `deploykit compress --int8` takes", "", f"Measured {r['created']} on {r['machine']}.", "",
              f"Command: `{r['command']}`", "",
-             "| model | wall s | peak RSS GB | " + " | ".join(r["stage_names"]) + " | final evaluation s | "
+             "| model | wall s | peak RSS GB | " + " | ".join(r["stage_names"]) + " | other s | "
              "shipped | selection timing stopped |", "|---|---|---|" + "---|" * len(r["stage_names"]) + "---|---|---|"]
     for row in r["runs"]:
         st = [str(row["stages"].get(n, "-")) for n in r["stage_names"]]
         stopped = "; ".join(f"{k}: {v}" for k, v in (row["timing_stopped"] or {}).items())
         lines.append(f"| {row['label']} | {row['wall_s']} | {row['peak_rss_gb']} | " + " | ".join(st)
-                     + f" | {row['evaluation_s']} | {row['chosen']} | {stopped} |")
+                     + f" | {row.get('other_s', row.get('evaluation_s'))} | {row['chosen']} | {stopped} |")
     if r.get("choices"):
         lines += ["", "## Early stopping vs exhaustive timing (same model, two runs)", "",
                   "| model | early stopping ships | exhaustive ships | same | its latency / exhaustive choice's "
@@ -122,7 +122,9 @@ def markdown(r: dict) -> str:
                          + ", ".join(f"{k} {v}" for k, v in c["latency_ratio_in_exhaustive_table"].items())
                          + f" | {c['exhaustive_wall_s']} |")
     lines += ["", "Wall = the whole command in a child process (start-up, loading, stages, evaluation, writing); "
-              "stage columns are the report's own stage times; peak RSS of that process."]
+              "stage columns are the report's own stage times; other = the report's total minus its stages (loading the "
+              "checkpoint and data, the final report: evaluation and timing reuse select_runtime's, writing); peak RSS "
+              "of that process."]
     return "\n".join(lines) + "\n"
 
 

@@ -130,7 +130,8 @@ def markdown(r: dict) -> str:
                          f"{o['top1_agreement']} | {o['sqnr_db']} | {v['top1_agreement']} | {v['sqnr_db']} |")
         lines.append("")
     for c in r["cost"]:
-        lines += [f"## Synthesis cost on {c['model']} ({c['input']})", "", "| steps | precision | synthesis s |",
+        when = f" (re-timed {r['cost_created']} alone: `{r['cost_command']}`)" if r.get("cost_created") else ""
+        lines += [f"## Synthesis cost on {c['model']} ({c['input']}){when}", "", "| steps | precision | synthesis s |",
                   "|---|---|---|"]
         lines += [f"| {row['steps']} | {'bf16' if row['bf16'] else 'fp32'} | {row['synthesis_s']} |"
                   for row in c["rows"]]
@@ -143,20 +144,27 @@ def main() -> None:
     ap.add_argument("--steps", default="2,4,8")
     ap.add_argument("--calibration-images", type=int, default=DEFAULTS.synthetic_images)
     ap.add_argument("--lite0", default=str(Path(tempfile.gettempdir()) / "efficientnet_lite0_in1k.pth"))
+    ap.add_argument("--cost-only", action="store_true", help="re-time only the ResNet-50 synthesis cost, keeping the "
+                                                              "fidelity curves already in --out")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
     grid = settings([int(s) for s in args.steps.split(",")])
     n = args.calibration_images
-    with tempfile.TemporaryDirectory() as tmp:
-        curves = [curve("efficientnet_lite0 (ImageNet weights)", lite0_checkpoint(Path(args.lite0)), foolbox_photos,
-                        grid, n, Path(tmp)),
-                  curve("resnet10t Fashion-MNIST reference", ROOT / "models/resnet10t_fmnist.pth", fashion_mnist, grid,
-                        n, Path(tmp))]
-    cost = [cost_only("resnet50", (3, 224, 224), grid, n)]
-    result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
-              "command": "python bench/synthesis_curve.py " + " ".join(sys.argv[1:]), "versions": versions(),
-              "calibration_images": n, "curves": curves, "cost": cost}
     out = Path(args.out)
+    command = "python bench/synthesis_curve.py " + " ".join(sys.argv[1:])
+    if args.cost_only:
+        result = json.loads((out / "synthesis_curve.json").read_text())
+        result.update(cost=[cost_only("resnet50", (3, 224, 224), grid, n)], cost_command=command,
+                      cost_created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = [curve("efficientnet_lite0 (ImageNet weights)", lite0_checkpoint(Path(args.lite0)),
+                            foolbox_photos, grid, n, Path(tmp)),
+                      curve("resnet10t Fashion-MNIST reference", ROOT / "models/resnet10t_fmnist.pth", fashion_mnist,
+                            grid, n, Path(tmp))]
+        cost = [cost_only("resnet50", (3, 224, 224), grid, n)]
+        result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
+                  "command": command, "versions": versions(), "calibration_images": n, "curves": curves, "cost": cost}
     out.mkdir(parents=True, exist_ok=True)
     (out / "synthesis_curve.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "synthesis_curve.md").write_text(markdown(result))

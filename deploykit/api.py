@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import (MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD, ArtifactWriter,
+from .artifact import (MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD, TTA_POLICY, ArtifactWriter,
                        build_manifest, finalize_model, write_json)
 from .recipe import Recipe, load_recipe
 from .report import REPORT_SCHEMA, render_markdown
@@ -71,6 +71,7 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     from .preprocessing import resolve_preprocessing
     from .sanity import ema_vs_model
     from .measure import stopwatch
+    from .stop import check_stop
     from .stages import STAGES, PipelineState
 
     console = _console(console)
@@ -127,6 +128,7 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
             steps.append({"name": "synthesize_inputs", "seconds": round(sw["seconds"], 3)})
         lineage = []
         for spec, stage in zip(recipe.stages, stages):
+            check_stop()
             with console.status(f"stage {spec.name}..."), stopwatch() as sw:
                 facts = stage.run(state)
             console.print(f"[green]done[/] {spec.name} in {sw['seconds']:.1f}s")
@@ -135,6 +137,12 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
 
         final = finalize_model(state)
         pre.save(workdir / PREPROCESSING)
+        if state.tta_policy is not None:
+            write_json(workdir / TTA_POLICY, state.tta_policy.to_dict())
+            if state.tta_policy.curves:
+                from .plots import tta_curve_plot
+
+                tta_curve_plot(state.tta_policy.to_dict(), workdir / "tta_policy.png")
         (workdir / RECIPE_YAML).write_text(recipe.to_yaml())
         report = compare_models(state, recipe, final, console, notes) if recipe.eval.enabled else {"models": {}}
         report.update({

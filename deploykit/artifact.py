@@ -31,6 +31,7 @@ from .errors import ArtifactError, Terminated
 
 MANIFEST, PREPROCESSING, REPORT_JSON, REPORT_MD, RECIPE_YAML = (
     "manifest.json", "preprocessing.json", "report.json", "report.md", "recipe.yaml")
+TTA_POLICY = "tta_policy.json"  # the test-time augmentation served by default (written by the tta_policy stage)
 FINAL_MODEL, FLOAT_MODEL = "model.onnx", "model.fp32.onnx"
 
 
@@ -68,19 +69,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-_stop_code: int | None = None
-
-
 def request_stop(code: int) -> None:
-    """Called by the SIGTERM handler: from now on no ArtifactWriter commits its directory.
+    """Called by the signal handler (``deploykit.stop``): from now on no ArtifactWriter commits its directory.
 
-    The handler also raises, but an exception raised by a signal handler is lost when the handler happens to run
-    inside a ``__del__`` or a GC callback (Python prints "Exception ignored" and carries on). Once in the test suite
-    a SIGTERM'd run finished with exit code 0; that is the likely cause (not confirmed: it did not reproduce in 12
-    tries). This flag makes the stop stick regardless.
+    The flag makes the stop stick even where an exception would be lost: raised by a signal handler inside a
+    ``__del__`` or a GC callback, Python prints "Exception ignored" and carries on (once in the test suite a
+    SIGTERM'd run finished with exit code 0).
     """
-    global _stop_code
-    _stop_code = code
+    from . import stop
+
+    stop.request_stop(code)
 
 
 class ArtifactWriter:
@@ -105,10 +103,12 @@ class ArtifactWriter:
         return self.workdir
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None or _stop_code is not None:
+        from .stop import stop_code
+
+        if exc_type is not None or stop_code() is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            if exc_type is None:  # a stop whose exception was swallowed on the way
-                raise Terminated(_stop_code)
+            if exc_type is None:  # a stop whose exception was swallowed on the way, or never checked for
+                raise Terminated(stop_code())
             return False
         os.chmod(self.workdir, 0o755)  # mkdtemp makes it 0700
         if self.out.exists():
@@ -178,6 +178,16 @@ class Artifact:
         p = self.path / REPORT_JSON
         return json.loads(p.read_text()) if p.is_file() else {}
 
+    @property
+    def tta_policy(self):
+        """The TTA policy chosen at compress time (deploykit.tta_policy.TTAPolicy), or None if none was chosen."""
+        p = self.path / TTA_POLICY
+        if TTA_POLICY not in self.manifest.get("files", {}):  # only what compress wrote (and the manifest hashes)
+            return None
+        from .tta_policy import TTAPolicy
+
+        return TTAPolicy.from_dict(json.loads(p.read_text()))
+
     def model_path(self, name: str | None = None) -> Path:
         return self.path / (name or self.runtime["model"])
 
@@ -202,7 +212,7 @@ class Artifact:
         name = backend or rt["backend"]
         model = rt.get("files", {}).get(name) or rt["model"]
         files = [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
-        return [*files, PREPROCESSING]
+        return [*files, PREPROCESSING, *([TTA_POLICY] if TTA_POLICY in self.manifest.get("files", {}) else [])]
 
     def check_served(self, backend: str | None = None) -> "Artifact":
         """Refuse an artifact whose served files changed after it was written (labels or weights edited, a file

@@ -244,19 +244,25 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    from .artifact import request_stop
+def _stop_on_signal(signum, frame) -> None:
+    """First SIGTERM/SIGINT: ask the run to stop at its next safe point (``deploykit.stop``); a second one stops now."""
+    from .stop import request_stop, stop_code
 
-    request_stop(128 + signum)  # sticks even if the exception below is swallowed (see request_stop)
-    raise Terminated(128 + signum)
+    if stop_code() is not None:
+        raise Terminated(stop_code())
+    request_stop(128 + signum)
 
 
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     try:
         app()
+        from .stop import check_stop
+
+        check_stop()  # a stop that came after the last check: still exit with its code
     except DeployKitError as err:  # errors raised outside a command body
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -165,6 +165,8 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
     ``decide_within`` of the fastest median ("tie"), after at least ``min_rounds`` rounds once ``time_budget_s``
     is spent ("time budget"), or after ``max_rounds``.
     """
+    from .stop import check_stop
+
     names = list(fns)
     records = {n: Timing(n, len(x)) for n in names}
     est: dict[str, float] = {}
@@ -176,6 +178,7 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
     rounds, stopped = 0, f"{max_rounds} rounds"
     for r in range(max_rounds):
         for n in (active if r % 2 == 0 else active[::-1]):
+            check_stop()
             if est[n] < block_warmup_below_ms:
                 fns[n](x)
             k = int(min(block_runs, max(1, block_s * 1000.0 // max(est[n], 1e-3))))  # the runs that fit
@@ -289,8 +292,11 @@ def logits_for(backends: dict[str, Any], batches) -> dict[str, np.ndarray]:
 
     ``batches``: an iterable of preprocessed float32 arrays (e.g. ``(x for x, _ in images.batches(pre, 64))``).
     """
+    from .stop import check_stop
+
     out: dict[str, list[np.ndarray]] = {n: [] for n in backends}
     for x in batches:
+        check_stop()
         for n, be in backends.items():
             out[n].append(be.run(x))
     return {n: np.concatenate(v) for n, v in out.items()}

@@ -141,3 +141,36 @@ def pareto_plot(points: Sequence[dict], path: str | Path, title: str = "accuracy
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def tta_curve_plot(policy: dict, path: str | Path) -> Path:
+    """Top-1 vs mean model views per image as each gate's threshold moves (the best view subset), with the chosen
+    policy marked; ``policy`` is ``TTAPolicy.to_dict()``. Saved atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=130)
+    for gate, pts in (policy.get("curves") or {}).items():
+        ax.plot([p["mean_views"] for p in pts], [p["top1"] for p in pts], lw=1.4, label=f"gate: {gate}")
+    curves = list((policy.get("curves") or {}).values())
+    if curves:  # a curve ends with every image escalated, i.e. the best subset's whole gain
+        base = curves[0][-1]["top1"] - policy["best_gain_top1"]
+        ax.axhline(base, color="0.6", lw=0.8, ls=":", label="no TTA")
+        ax.scatter([policy["mean_views"]], [base + policy["gain_top1"]], s=120, facecolors="none",
+                   edgecolors="tab:red", linewidths=1.5, zorder=4, label="chosen policy")
+    ax.set_xlabel("mean model views per image")
+    ax.set_ylabel("top-1 (%), images the policy was chosen on")
+    ax.set_title(f"TTA policy: {policy['mode']}, {policy['mean_views']:.2f} views/image, "
+                 f"{policy['gain_top1']:+.2f} of {policy['best_gain_top1']:+.2f} points", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8.5)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -82,6 +82,24 @@ def render_markdown(report: dict) -> str:
         for name, b in sel.get("baselines", {}).items():
             lat = [_timing_cell(b.get("timing", {}).get(k), b.get("latency_ms", {}).get(k)) for k in sizes]
             lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | |")
+    tp = report.get("stage_facts", {}).get("tta_policy")
+    if tp and tp.get("policy"):
+        pol = tp["policy"]
+        lines += ["", "## Test-time augmentation served by default", "",
+                  f"**{pol['mode']}**" + (f": views {', '.join(pol['views'])}" if pol["mode"] != "none" else "")
+                  + f". {pol.get('reason', '')}." + (f" Chosen on {tp['chosen_on']} evaluation images." if
+                                                   tp.get("chosen_on") else "")]
+        held = tp.get("held_out")
+        if held:
+            lines += ["", f"On the other {held['images']} evaluation images (not used to choose):", "",
+                      "| TTA | top-1 % | macro-F1 % | model views per image | fixed vs none | broken vs none |",
+                      "|---|---|---|---|---|---|"]
+            for k in ("none", "policy", "all"):
+                r = held[k]
+                lines.append(f"| {k if k != 'policy' else 'the policy (' + pol['mode'] + ')'} | {_fmt(r['top1'])} | "
+                             f"{_fmt(r['macro_f1'])} | {r['mean_views']:.2f} | {r['fixed']} | {r['broken']} |")
+        if pol.get("curves"):
+            lines += ["", "![accuracy vs views](tta_policy.png)"]
     if report.get("forgetting"):
         from .forgetting import forgetting_markdown
 

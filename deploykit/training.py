@@ -35,6 +35,7 @@ from pydantic import Field
 
 from .checkpoint import atomic_torch_save
 from .stages.config import StageConfig
+from .stop import check_stop
 
 
 class DistillConfig(StageConfig):
@@ -342,6 +343,7 @@ def _fit(student, teacher, train_set, pre, cfg, log, tag, prepare_student):
                 if progress else None
             run_loss = 0.0
             for step in range(steps_per_epoch):
+                check_stop()
                 glob = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 mine = glob[rank * per_rank:(rank + 1) * per_rank]
                 x = torch.from_numpy(train_sub.load(pre, mine))

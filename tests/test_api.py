@@ -97,6 +97,16 @@ def test_report_and_manifest_shape(reference_artifact):
     assert {"torch", "onnx", "onnxruntime", "deploykit"} <= set(man["versions"])
     art = Artifact.open(path)
     assert art.verify() == []
+    # the TTA policy was chosen on one half of the evaluation images and reported on the other, and is stored
+    tp = rep["stage_facts"]["tta_policy"]
+    assert tp["chosen_on"] + tp["held_out"]["images"] == 2000
+    assert art.tta_policy is not None and art.tta_policy.to_dict() == {**tp["policy"]}
+    assert "tta_policy.json" in man["files"] and "tta_policy.json" in art.served_files()
+    held = tp["held_out"]
+    assert held["none"]["mean_views"] == 1.0 and held["all"]["mean_views"] == 4.0
+    assert 1.0 <= held["policy"]["mean_views"] <= 4.0
+    if art.tta_policy.mode == "none":  # then it says what gain justified serving no extra views
+        assert art.tta_policy.reason.startswith("TTA does not help this model")
     assert art.preprocessing.class_names[0] == "T-shirt/top"
     assert yaml.safe_load((path / "recipe.yaml").read_text())["data"]["name"] == "fashion-mnist"
 
@@ -213,7 +223,10 @@ def test_untrusted_pickle_is_refused_by_the_api(tmp_path):
         compress(path, "fp32", out=tmp_path / "x")
 
 
-def test_sigterm_mid_run_leaves_no_partial_output(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("after_s", [0.0, 1.0, 2.0])
+def test_sigterm_mid_run_leaves_no_partial_output(tiny_ckpt, tmp_path, after_s):
+    """SIGTERM at several moments once the artifact is being written (stages, selection, evaluation): exit 143
+    and nothing left, never a crash; a run that finished first exits 0 with its complete artifact."""
     import signal
     import time
 
@@ -221,12 +234,17 @@ def test_sigterm_mid_run_leaves_no_partial_output(tiny_ckpt, tmp_path):
                              "--data", "fashion-mnist", "--out", str(tmp_path / "t.deploykit")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".t.deploykit.tmp-*")):
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".t.deploykit.tmp-*")), "the run never started writing"
+    while time.time() < deadline and not list(tmp_path.glob(".t.deploykit.tmp-*")) and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(after_s)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    assert list(tmp_path.iterdir()) == []
+    rc = proc.wait(timeout=60)
+    if rc == 0:
+        assert [p.name for p in tmp_path.iterdir()] == ["t.deploykit"]
+        assert Artifact.open(tmp_path / "t.deploykit").verify() == []
+    else:
+        assert rc == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
@@ -240,11 +258,11 @@ def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
 
 def test_a_stop_request_blocks_the_commit_even_if_its_exception_was_swallowed(tmp_path, monkeypatch):
     # a SIGTERM handler that fires inside __del__ loses its exception; the flag it sets must still stop the commit
-    import deploykit.artifact as artifact_mod
+    import deploykit.stop as stop_mod
     from deploykit.artifact import ArtifactWriter, request_stop
     from deploykit.errors import Terminated
 
-    monkeypatch.setattr(artifact_mod, "_stop_code", None)
+    monkeypatch.setattr(stop_mod, "_stop_code", None)
     out = tmp_path / "a.deploykit"
     with pytest.raises(Terminated) as stop:
         with ArtifactWriter(out) as work:

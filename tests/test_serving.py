@@ -8,6 +8,7 @@ same artifact backend in this process through the same decode -> preprocess -> T
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -255,6 +256,71 @@ def test_python_client_openapi_and_metrics(server, direct, tmp_path):
     meta = requests.post(f"{server['url']}/metadata", timeout=10).json()
     assert meta["tta_views"] == list(DEFAULT_VIEWS) and meta["model"]["backend"]["threads"] == 1
     assert meta["model"]["batching"] is True
+
+
+@pytest.fixture(scope="module")
+def selective(artifact, direct, tmp_path_factory):
+    """The artifact as if compress had chosen a selective policy: extra views (flip, zoom 0.9) for the images whose
+    top probability is below the median of six test images', so some requests escalate and some do not."""
+    import shutil
+
+    from deploykit.artifact import MANIFEST, TTA_POLICY, Artifact, sha256_file, write_json
+    from deploykit.tta_policy import TTAPolicy, gate_scores
+
+    d = tmp_path_factory.mktemp("selective") / "sel.deploykit"
+    shutil.copytree(artifact, d)
+    art = Artifact.open(d)
+    pngs, _ = fmnist_pngs(6)
+    x = np.concatenate([art.preprocessing.from_pil(decode_image(p)) for p in pngs])
+    scores = gate_scores(art.backend(threads=1).run(x), "max_prob")
+    policy = TTAPolicy("selective", ("original", "hflip", "scale:0.9"), gate="max_prob",
+                       threshold=float(np.median(scores)), reason="test policy")
+    write_json(d / TTA_POLICY, policy.to_dict())
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["files"][TTA_POLICY] = sha256_file(d / TTA_POLICY)
+    write_json(d / MANIFEST, manifest)
+    log = tmp_path_factory.mktemp("selective-log") / "server.log"
+    proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(d), "BENTOML_HOME": str(tmp_path_factory.mktemp("home"))},
+                             log)
+    try:
+        yield {"url": url, "pngs": pngs, "escalated": scores < policy.threshold, "policy": policy, "x": x,
+               "backend": art.backend(threads=1), "pre": art.preprocessing}
+    finally:
+        stop_server(proc)
+
+
+def test_selective_tta_gives_extra_views_only_to_uncertain_images(selective):
+    from deploykit.serving.tta import predict
+
+    s = selective
+    assert 0 < s["escalated"].sum() < len(s["pngs"])
+    want = predict(s["backend"], s["x"], (), 3, s["pre"].class_names, policy=s["policy"])  # the artifact, directly
+    for data, esc, w in zip(s["pngs"], s["escalated"], want):
+        got = classify(s["url"], data, top_k=3)                     # the artifact's policy by default
+        assert got["tta"] == "selective" and got["tta_views"] == (3 if esc else 1)
+        assert_same(got, w)
+    # one request with all six: the originals in one model call, the uncertain ones' views in a second
+    r = requests.post(f"{s['url']}/classify_batch", data={"top_k": "3"}, timeout=30,
+                      files=[("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(s["pngs"])])
+    assert r.status_code == 200, r.text
+    for got, w in zip(r.json(), want):
+        assert_same(got, w)
+    # a request may force the other modes; the metrics count the escalations
+    assert classify(s["url"], s["pngs"][0], tta="all")["tta_views"] == 4
+    assert classify(s["url"], s["pngs"][0], tta="none")["tta_views"] == 1
+    metrics = requests.get(f"{s['url']}/metrics", timeout=10).text
+    escalated = sum(float(v) for v in re.findall(r"^deploykit_tta_escalated_images_total(?:\{[^}]*\})? (\S+)$",
+                                                 metrics, re.M))
+    assert escalated == 2 * int(s["escalated"].sum())  # single requests + the batch request
+    meta = requests.post(f"{s['url']}/metadata", timeout=10).json()
+    assert meta["tta_policy"]["mode"] == "selective" and meta["tta_default"] == "policy"
+
+
+def test_selective_is_refused_without_a_selective_policy(server):
+    png = fmnist_pngs(1)[0][0]
+    r = requests.post(f"{server['url']}/classify", files={"image": ("x.png", png, "image/png")},
+                      data={"tta": "selective"}, timeout=30)
+    assert r.status_code == 400 and "tta=selective needs the artifact's selective policy" in r.json()["error"]
 
 
 def test_zz_graceful_shutdown(server):

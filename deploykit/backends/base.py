@@ -76,7 +76,13 @@ def run_batched(run, x: np.ndarray, batch: int = 64) -> np.ndarray:
     Example:
         >>> run_batched(create_backend("onnxruntime", "model.onnx").run, x)
     """
-    return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    from ..stop import check_stop
+
+    out = []
+    for i in range(0, len(x), batch):
+        check_stop()
+        out.append(run(x[i:i + batch]))
+    return np.concatenate(out)
 
 
 def missing_module(module: str, install: str) -> str | None:

@@ -75,7 +75,10 @@ class ImageSet:
         return np.concatenate([pre.from_pil(open_image(self.paths[i])) for i in indices])
 
     def batches(self, pre, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        from ..stop import check_stop
+
         for start in range(0, len(self), batch_size):
+            check_stop()  # a SIGTERM stops a long evaluation between batches, not inside a runtime's call
             idx = np.arange(start, min(start + batch_size, len(self)))
             yield self.load(pre, idx), self.labels[idx]
 

@@ -29,6 +29,8 @@ def synthesize_from_bn(model, input_size: tuple[int, int, int], n: int = 32, ste
     """
     import torch
 
+    from ..stop import check_stop
+
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None]
     gen = torch.Generator().manual_seed(seed)
     if not bns or steps == 0:  # nothing to match (e.g. a fused or BN-free model): plain Gaussian inputs
@@ -58,6 +60,7 @@ def synthesize_from_bn(model, input_size: tuple[int, int, int], n: int = 32, ste
             x = torch.randn((min(batch_size, n - start), *input_size), generator=gen).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
             for _ in range(steps):
+                check_stop()
                 losses.clear()
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

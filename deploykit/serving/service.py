@@ -11,8 +11,9 @@ Configuration (environment, read at import in every worker):
     DEPLOYKIT_MODEL      BentoML store tag when DEPLOYKIT_ARTIFACT is unset (default deploykit-classifier:latest)
     DEPLOYKIT_BACKEND    runtime override (default: the one the artifact's manifest names)
     DEPLOYKIT_THREADS    intra-op threads per model worker (default: (physical cores - front workers) / model workers)
-    DEPLOYKIT_TTA        views, e.g. "original,hflip,scale:0.9,scale:1.1" (default) or "none"
-    DEPLOYKIT_TTA_DEFAULT  "true"/"false": TTA for requests that do not say (default true)
+    DEPLOYKIT_TTA        views for tta=all, e.g. "original,hflip,scale:0.9,scale:1.1" (default) or "none"
+    DEPLOYKIT_TTA_DEFAULT  TTA for requests that do not say: "policy" (default: the artifact's tta_policy.json;
+                         every view when it has none), "selective", "all" (or "true"), "none" (or "false")
     DEPLOYKIT_BATCHING   "0" turns adaptive batching off (for the load-test comparison)
     DEPLOYKIT_MAX_BATCH_SIZE / DEPLOYKIT_MAX_LATENCY_MS   adaptive batching bounds (default 64 / 1000)
     DEPLOYKIT_INFER_TIMEOUT_S   a model call unanswered this long is retried (default 10)
@@ -61,7 +62,26 @@ WORKERS = int(os.environ.get("DEPLOYKIT_WORKERS", 1))
 MODEL_WORKERS = int(os.environ.get("DEPLOYKIT_MODEL_WORKERS", 1))
 MAX_IMAGES = int(os.environ.get("DEPLOYKIT_MAX_IMAGES", 32))
 TTA_VIEWS = tta.parse_views(os.environ.get("DEPLOYKIT_TTA"))
-TTA_DEFAULT = _env_bool("DEPLOYKIT_TTA_DEFAULT", True)
+TTA_MODES = ("policy", "selective", "all", "none")
+_TTA_ALIASES = {"true": "all", "1": "all", "yes": "all", "on": "all", "false": "none", "0": "none", "no": "none",
+                "off": "none"}
+
+
+def tta_mode(value: t.Union[bool, str, None]) -> t.Optional[str]:
+    """A request's or the environment's tta value -> one of TTA_MODES (None stays None); ValueError if unknown.
+    (A form's "true"/"false" arrives as a bool: BentoML reads form values as JSON first.)"""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if value is None or str(value).strip() == "":
+        return None
+    v = str(value).strip().lower()
+    v = _TTA_ALIASES.get(v, v)
+    if v not in TTA_MODES:
+        raise ValueError(f"tta={value!r} is not one of {', '.join(TTA_MODES)} (or true/false)")
+    return v
+
+
+TTA_DEFAULT = tta_mode(os.environ.get("DEPLOYKIT_TTA_DEFAULT")) or "policy"
 INFER_RETRIES = 2
 # A model call that has not answered in this long is abandoned and retried: normal calls take milliseconds
 # (batches form within max_latency_ms), a stalled keep-alive connection never answers (serving/retry.py).
@@ -123,7 +143,19 @@ class Prediction(BaseModel):
 
 class Classification(BaseModel):
     predictions: list[Prediction] = Field(description="top-k classes, most probable first")
-    tta_views: int = Field(description="views averaged (1 = no test-time augmentation)")
+    tta_views: int = Field(description="views averaged for this image (1 = no test-time augmentation)")
+    tta: str = Field("none", description="the TTA mode this image was scored with: none, selective or all")
+
+
+def _metrics():
+    """Prometheus counters for TTA (prometheus_client, which BentoML's /metrics collects across workers)."""
+    from prometheus_client import Counter, Histogram
+
+    return {"images": Counter("deploykit_tta_images", "images classified, by TTA mode", ["mode"]),
+            "escalated": Counter("deploykit_tta_escalated_images", "images a selective policy gave extra views"),
+            "views": Counter("deploykit_tta_model_views", "model views run (images x views)", ["mode"]),
+            "seconds": Histogram("deploykit_classify_seconds", "time to classify one request, by TTA mode", ["mode"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))}
 
 
 FIELDS = {"/classify": ("image", "top_k", "tta"), "/classify_batch": ("images", "top_k", "tta")}
@@ -237,7 +269,10 @@ class Classifier:
         self.artifact = _open_checked(self)
         self.pre = self.artifact.preprocessing
         self.class_names = list(self.pre.class_names)  # empty: labels are the class indices
-        logger.info("deploykit classifier ready: views=%s tta_default=%s", TTA_VIEWS, TTA_DEFAULT)
+        self.policy = self.artifact.tta_policy
+        self.metrics = _metrics()
+        logger.info("deploykit classifier ready: views=%s tta_default=%s policy=%s", TTA_VIEWS, TTA_DEFAULT,
+                    self.policy.mode if self.policy else None)
 
     @staticmethod
     def _check_top_k(top_k: int, n: int) -> None:
@@ -245,10 +280,19 @@ class Classifier:
             raise ClientError(f"top_k must be between 1 and {n} (the model has {n} classes), got {top_k}. "
                               f"Fix: send top_k in 1..{n}")
 
-    def _options(self, top_k: int, use_tta: t.Optional[bool]) -> tuple[int, tuple[str, ...]]:
-        self._check_top_k(top_k, len(self.class_names) or max(top_k, 1))
-        views = TTA_VIEWS if (TTA_DEFAULT if use_tta is None else use_tta) else ("original",)
-        return top_k, views
+    def _mode(self, requested: t.Union[bool, str, None]) -> str:
+        """none | selective | all for this request: its own tta, else DEPLOYKIT_TTA_DEFAULT, else the policy."""
+        try:
+            mode = tta_mode(requested) or TTA_DEFAULT
+        except ValueError as err:
+            raise ClientError(f"{err}. Fix: send tta=policy, selective, all or none") from None
+        if mode == "policy":
+            mode = self.policy.mode if self.policy is not None else "all"
+        if mode == "selective" and (self.policy is None or self.policy.gate is None):
+            why = self.policy.reason if self.policy is not None else "the artifact has no TTA policy"
+            raise ClientError(f"tta=selective needs the artifact's selective policy, and it has none ({why}). "
+                              "Fix: send tta=all or tta=none, or compress with the tta_policy stage and --data")
+        return mode
 
     def _inputs(self, paths: list[Path], views: tuple[str, ...], field: str) -> np.ndarray:
         """Decode + preprocess + TTA views for every upload (runs in a worker thread)."""
@@ -265,17 +309,38 @@ class Classifier:
             rows.append(tta.make_views(x, views))
         return np.concatenate(rows)
 
-    async def _classify(self, paths: list[Path], top_k: int, use_tta: t.Optional[bool], field: str
+    async def _classify(self, paths: list[Path], top_k: int, requested: t.Union[bool, str, None], field: str
                         ) -> list[Classification]:
         t0 = time.perf_counter()
-        k, views = self._options(top_k, use_tta)
-        x = await asyncio.to_thread(self._inputs, paths, views, field)
-        logits = await self._infer(x)  # all views of all images: one batch
-        probs = tta.softmax(tta.average_logits(np.asarray(logits), len(views)))
-        self._check_top_k(k, probs.shape[-1])
-        out = [Classification(predictions=tta.top_k(p, k, self.class_names), tta_views=len(views)) for p in probs]
-        logger.info("classified images=%d views=%d top1=%s ms=%.1f", len(paths), len(views),
-                    [o.predictions[0].label for o in out], (time.perf_counter() - t0) * 1e3)
+        self._check_top_k(top_k, len(self.class_names) or max(top_k, 1))
+        mode = self._mode(requested)
+        if mode == "all":  # every view of every image: one call
+            views = TTA_VIEWS
+            x = await asyncio.to_thread(self._inputs, paths, views, field)
+            logits = tta.average_logits(np.asarray(await self._infer(x)), len(views))
+            used = np.full(len(paths), len(views))
+        else:  # the originals in one call; with a selective policy, the uncertain images' extra views in a second
+            x = await asyncio.to_thread(self._inputs, paths, ("original",), field)
+            logits = np.asarray(await self._infer(x))
+            used = np.ones(len(paths), dtype=np.int64)
+            if mode == "selective":
+                esc = np.flatnonzero(self.policy.escalate(logits))
+                if len(esc):
+                    extra = tuple(self.policy.views[1:])
+                    more = np.asarray(await self._infer(tta.make_views(x[esc], extra))).reshape(len(esc), len(extra), -1)
+                    logits = logits.astype(np.float32, copy=True)
+                    logits[esc] = (logits[esc] + more.sum(1)) / (1 + len(extra))
+                    used[esc] = 1 + len(extra)
+                self.metrics["escalated"].inc(len(esc))
+        probs = tta.softmax(logits)
+        out = [Classification(predictions=tta.top_k(p, top_k, self.class_names), tta_views=int(v), tta=mode)
+               for p, v in zip(probs, used)]
+        seconds = time.perf_counter() - t0
+        self.metrics["images"].labels(mode).inc(len(paths))
+        self.metrics["views"].labels(mode).inc(int(used.sum()))
+        self.metrics["seconds"].labels(mode).observe(seconds)
+        logger.info("classified images=%d tta=%s views=%d top1=%s ms=%.1f", len(paths), mode, int(used.sum()),
+                    [o.predictions[0].label for o in out], seconds * 1e3)
         return out
 
     async def _infer(self, x: np.ndarray) -> np.ndarray:
@@ -284,15 +349,16 @@ class Classifier:
                                              retries=INFER_RETRIES, log=logger.warning)
 
     @bentoml.api(route="/classify")
-    async def classify(self, image: Path, top_k: int = 5, tta: t.Optional[bool] = None) -> Classification:
-        """Classify one image (multipart field `image`); `tta` overrides the service default."""
+    async def classify(self, image: Path, top_k: int = 5, tta: t.Union[bool, str, None] = None) -> Classification:
+        """Classify one image (multipart field `image`); `tta` (policy | selective | all | none) overrides the
+        service default."""
         try:
             return (await self._classify([image], top_k, tta, "image"))[0]
         except ClientError as err:
             return err.response()
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Path], top_k: int = 5, tta: t.Optional[bool] = None
+    async def classify_batch(self, images: list[Path], top_k: int = 5, tta: t.Union[bool, str, None] = None
                              ) -> list[Classification]:
         """Classify up to DEPLOYKIT_MAX_IMAGES images (repeated multipart field `images`) in one model call."""
         try:
@@ -308,6 +374,7 @@ class Classifier:
         """Class names, preprocessing, TTA views and the model worker's runtime."""
         return {"class_names": self.class_names, "preprocessing": self.pre.model_dump(mode="json"),
                 "tta_views": list(TTA_VIEWS), "tta_default": TTA_DEFAULT, "max_images": MAX_IMAGES,
+                "tta_policy": self.policy.summary() if self.policy is not None else None,
                 "max_pixels": decode.max_pixels(), "model": await self.model.to_async.info()}
 
 

@@ -141,11 +141,22 @@ def top_k(probabilities: np.ndarray, k: int, class_names: Sequence[str]) -> list
              "probability": float(probabilities[i])} for i in order]
 
 
-def predict(backend, x: np.ndarray, views: Sequence[str], k: int, class_names: Sequence[str]) -> list[dict]:
-    """Score N preprocessed images with TTA in ONE backend call; the same path the service takes.
+def predict(backend, x: np.ndarray, views: Sequence[str], k: int, class_names: Sequence[str],
+            policy=None) -> list[dict]:
+    """Score N preprocessed images with TTA; the same path the service takes.
+
+    Without ``policy``: every view of every image in ONE backend call. With a ``deploykit.tta_policy.TTAPolicy``
+    (the artifact's ``tta_policy``): the originals in one call, the extra views of the images its gate calls
+    uncertain in a second (``views`` is then ignored).
 
     Returns:
-        per image {"predictions": top_k list, "tta_views": V}.
+        per image {"predictions": top_k list, "tta_views": views used for that image}.
     """
-    logits = average_logits(backend.run(make_views(x, views)), len(views))
-    return [{"predictions": top_k(p, k, class_names), "tta_views": len(views)} for p in softmax(logits)]
+    if policy is not None:
+        from ..tta_policy import apply_policy
+
+        logits, used = apply_policy(policy, backend.run, x, make_views)
+    else:
+        logits = average_logits(backend.run(make_views(x, views)), len(views))
+        used = np.full(len(x), len(views))
+    return [{"predictions": top_k(p, k, class_names), "tta_views": int(v)} for p, v in zip(softmax(logits), used)]

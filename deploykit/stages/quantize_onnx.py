@@ -87,11 +87,14 @@ def calibration_reader(batches: Iterable[np.ndarray], input_name: str = INPUT_NA
     """An ONNX Runtime CalibrationDataReader over float32 NCHW batches."""
     from onnxruntime.quantization import CalibrationDataReader
 
+    from ..stop import check_stop
+
     class Reader(CalibrationDataReader):
         def __init__(self):
             self._it = iter(batches)
 
         def get_next(self):
+            check_stop()  # ORT calls this between calibration batches: the one Python moment in a long call
             x = next(self._it, None)
             return None if x is None else {input_name: np.ascontiguousarray(x, dtype=np.float32)}
 

@@ -137,6 +137,7 @@ class PipelineState:
     weights_changed: bool = False                  # a stage pruned or fine-tuned the float model: it no longer
                                                    # computes what the original does (the report evaluates both)
     measured: Measurements | None = None           # set by select_runtime
+    tta_policy: Any = None                         # deploykit.tta_policy.TTAPolicy, set by tta_policy
     _reference_check: tuple[Path, np.ndarray] | None = None   # (onnx_fp32_path, its logits on the check inputs)
     log: Callable[[str], None] = print
 
