@@ -22,7 +22,7 @@ def test_builtin_recipes_validate_and_round_trip(name):
 def test_builtin_recipe_set():
     assert {"int8-ptq", "fp16", "bf16", "fp32"} <= set(list_recipes())
     assert load_recipe("int8-ptq").stage_names() == ["fuse_bn", "export_onnx", "quantize_onnx", "quantize_openvino",
-                                                     "select_runtime"]
+                                                     "select_runtime", "tta_policy"]
 
 
 @pytest.mark.parametrize("name", STAGES.names())
