@@ -82,13 +82,13 @@ class ExportOnnx(Stage):
     def run(self, state: PipelineState) -> dict:
         import torch
 
-        from ..backends import create_backend, run_batched
+        from ..backends import run_batched
 
         c = self.config
         path = export_onnx(state.model, state.workdir / "model.fp32.onnx", state.preprocessing.input_size,
                            c.opset, c.exporter, c.dynamic_batch)
         x = state.check_inputs()
-        got = run_batched(create_backend("onnxruntime", path).run, x)
+        got = run_batched(state.backend("onnxruntime", path).run, x)
         # PyTorch eager is the slow side (ResNet-50: ~50 ms an image): an exactness check needs no more than 64
         with torch.inference_mode():
             ref = run_batched(lambda b: state.model(torch.from_numpy(b)).numpy(), x[:PARITY_INPUTS])

@@ -169,7 +169,7 @@ class QuantizeOnnx(Stage):
                                                              "choice (None: by model_type)")
 
     def run(self, state: PipelineState) -> dict:
-        from ..backends import create_backend, run_batched
+        from ..backends import run_batched
         from ..evaluate import fidelity
 
         c = self.config
@@ -186,14 +186,14 @@ class QuantizeOnnx(Stage):
                  "weight_type": c.weight_type, "model_type": model_type,
                  "op_types": op_types or "all (ONNX Runtime default)"}
         x = state.check_inputs()
-        run = lambda p: run_batched(create_backend("onnxruntime", p).run, x)  # noqa: E731
+        run = lambda p, precision="fp32": run_batched(state.backend("onnxruntime", p, precision=precision).run, x)  # noqa: E731
         ref = state.reference_check_logits() if src == state.onnx_fp32_path else run(src)
         try:
             quantize_onnx(state.onnx_path, dst, (calib[i:i + bs] for i in range(0, len(calib), bs)),
                           method=c.method, per_channel=c.per_channel, activation_type=c.activation_type,
                           weight_type=c.weight_type, quant_format=c.format, percentile=c.percentile,
                           exclude_nodes=c.exclude_nodes, reduce_range=c.reduce_range, op_types=op_types)
-            got = run(dst)
+            got = run(dst, "int8")  # the session select_runtime's onnxruntime-int8 candidate reuses
         except Exception as err:  # an ORT quantizer or kernel failure on an unusual graph
             if c.on_fidelity_failure == "error":
                 raise

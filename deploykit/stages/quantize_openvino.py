@@ -135,7 +135,7 @@ class QuantizeOpenVino(Stage):
             dst = state.workdir / (IR_FILE if fmt == "ir" else ONNX_FILE)
             outputs[fmt], attempts[fmt] = dst.name, []
             for sq in tries:
-                fid, problem = self._attempt(src, dst, calib, x, ref, fmt, model_type, sq, state.data is None)
+                fid, problem = self._attempt(state, src, dst, calib, x, ref, fmt, model_type, sq)
                 attempts[fmt].append({"smooth_quant": sq, "sqnr_db": fid and fid["sqnr_db"],
                                       "top1_agreement": fid and fid["top1_agreement"], "problem": problem})
                 if problem is None:
@@ -165,10 +165,10 @@ class QuantizeOpenVino(Stage):
                 "calibration_images": int(min(c.subset_size, len(calib))),
                 "fidelity_vs_fp32": fids[formats[0]], "fidelity_by_format": fids, "inputs_checked": int(len(x))}
 
-    def _attempt(self, src, dst, calib, x, ref, fmt, model_type, smooth_quant,
-                 data_free: bool) -> tuple[dict | None, str | None]:
+    def _attempt(self, state: PipelineState, src, dst, calib, x, ref, fmt, model_type,
+                 smooth_quant) -> tuple[dict | None, str | None]:
         """Quantize and check once: (fidelity, None) when it passes, (fidelity or None, the problem) when not."""
-        from ..backends import create_backend, run_batched
+        from ..backends import run_batched
         from ..evaluate import fidelity
 
         c = self.config
@@ -176,14 +176,14 @@ class QuantizeOpenVino(Stage):
             quantize_openvino(src, dst, calib, fmt=fmt, preset=c.preset, subset_size=c.subset_size,
                               fast_bias_correction=c.fast_bias_correction, ignored_names=c.ignored_names,
                               model_type=model_type, smooth_quant=smooth_quant)
-            got = run_batched(create_backend("openvino", dst, threads=c.threads, precision="int8").run, x)
+            got = run_batched(state.backend("openvino", dst, threads=c.threads, precision="int8").run, x)
         except Exception as err:  # NNCF or OpenVINO failing on an unusual graph
             if c.on_fidelity_failure == "error":
                 raise
             return None, (f"NNCF could not quantize or OpenVINO could not run the INT8 model "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
         fid = fidelity(ref, got)
-        problem = c.fidelity_problem(fid, data_free)
+        problem = c.fidelity_problem(fid, state.data is None)
         if problem:
             return fid, f"OpenVINO INT8 model {dst.name} {problem}"
         return fid, None

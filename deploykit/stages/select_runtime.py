@@ -205,7 +205,7 @@ class SelectRuntime(Stage):
         probe = state.check_inputs()[:1]
         for cand in cands:
             try:
-                backends[cand.name] = cand.create(c.threads)
+                backends[cand.name] = cand.create(state, c.threads)
                 backends[cand.name].run(probe)  # some refusals only come at the first inference
             except Exception as err:  # e.g. a BF16 hint the CPU advertises but its kernels refuse: skip, say why
                 backends.pop(cand.name, None)

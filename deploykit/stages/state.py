@@ -66,11 +66,10 @@ class RuntimeCandidate:
     def name(self) -> str:
         return self.variant.name
 
-    def create(self, threads: int | None):
-        from ..backends import create_backend
-
+    def create(self, state: "PipelineState", threads: int | None):
+        """Its runtime on its file, through the run's cache (``PipelineState.backend``)."""
         v = self.variant
-        return create_backend(v.backend, self.path, threads=threads, precision=v.precision, **v.settings)
+        return state.backend(v.backend, self.path, threads=threads, precision=v.precision, **v.settings)
 
 
 @dataclass
@@ -139,6 +138,7 @@ class PipelineState:
     measured: Measurements | None = None           # set by select_runtime
     tta_policy: Any = None                         # deploykit.tta_policy.TTAPolicy, set by tta_policy
     _reference_check: tuple[Path, np.ndarray] | None = None   # (onnx_fp32_path, its logits on the check inputs)
+    _backends: dict = field(default_factory=dict)              # loaded runtimes, see backend()
     log: Callable[[str], None] = print
 
     def add_model(self, kind: ModelKind, path: Path) -> None:
@@ -175,6 +175,18 @@ class PipelineState:
         """Inputs for parity checks: held-out real images, or held-out synthetic ones."""
         return self.inputs.check()
 
+    def backend(self, name: str, path: Path, *, precision: str = "fp32", threads: int | None = None, **settings):
+        """A runtime loaded on a model file, once per run: the stage that checks a model, select_runtime that times
+        and evaluates it and the report all share the session (an OpenVINO model compiles once). Keyed by the
+        file's size and modification time too, so a file written again is loaded again."""
+        from ..backends import create_backend
+
+        st = Path(path).stat()
+        key = (name, str(path), st.st_size, st.st_mtime_ns, precision, threads, tuple(sorted(settings.items())))
+        if key not in self._backends:
+            self._backends[key] = create_backend(name, path, threads=threads, precision=precision, **settings)
+        return self._backends[key]
+
     def reference_check_logits(self, logits: np.ndarray | None = None) -> np.ndarray:
         """The FP32 ONNX model's logits on the check inputs: every later model is checked against them, so they
         are computed once (export_onnx hands over the ones its parity check computed)."""
@@ -182,7 +194,7 @@ class PipelineState:
         if logits is not None:
             self._reference_check = (path, logits)
         elif self._reference_check is None or self._reference_check[0] != path:
-            from ..backends import create_backend, run_batched
+            from ..backends import run_batched
 
-            self._reference_check = (path, run_batched(create_backend("onnxruntime", path).run, self.check_inputs()))
+            self._reference_check = (path, run_batched(self.backend("onnxruntime", path).run, self.check_inputs()))
         return self._reference_check[1]
