@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -92,25 +93,48 @@ class ArtifactWriter:
         self.out = Path(out).absolute()
         self.overwrite = overwrite
         self.workdir: Path | None = None
+        self._lock = None
 
     def __enter__(self) -> Path:
         if self.out.exists() and not self.overwrite:
             raise ArtifactError(f"output directory {self.out} already exists",
                                 fix="pass --overwrite to replace it, or --out to write elsewhere")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tempdirs(self.out)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        self._lock = _lock_output(self.out)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_tempdirs(self.out)
+            self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        except OSError as err:
+            self._unlock()
+            raise _write_error(self.out, err) from None
         return self.workdir
 
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases its flock
+            self._lock = None
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._finish(exc_type, exc)
+        finally:
+            self._unlock()
+
+    def _finish(self, exc_type, exc) -> bool:
         from .stop import stop_code
 
         if exc_type is not None or stop_code() is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             if exc_type is None:  # a stop whose exception was swallowed on the way, or never checked for
                 raise Terminated(stop_code())
+            if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:  # full, read-only or forbidden output disk
+                raise _write_error(self.out, exc) from None
             return False
         os.chmod(self.workdir, 0o755)  # mkdtemp makes it 0700
+        if self.out.exists() and not self.overwrite:  # appeared while this run was writing: keep it, say so
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise ArtifactError(f"output directory {self.out} appeared while this run was writing it",
+                                fix="pass --overwrite to replace it, or --out to write elsewhere")
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
@@ -119,6 +143,34 @@ class ArtifactWriter:
         else:
             os.replace(self.workdir, self.out)
         return False
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error(out: Path, err: OSError) -> ArtifactError:
+    return ArtifactError(f"cannot write the artifact {out}: {err.strerror or err}",
+                         fix="free disk space, or pass --out on a writable disk (nothing was left behind)")
+
+
+def _lock_output(out: Path):
+    """An exclusive lock on the output path for the whole run, so a second run to the same --out stops at once.
+
+    The lock file lives in the system temp directory, named after the path's hash: nothing is left beside the
+    artifact, and the file is never deleted (deleting a lock file lets two runs lock two different inodes).
+    """
+    import fcntl
+
+    d = Path(tempfile.gettempdir()) / "deploykit-locks"
+    d.mkdir(exist_ok=True)
+    f = open(d / (hashlib.sha256(str(out).encode()).hexdigest()[:32] + ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ArtifactError(f"another deploykit run is writing {out} right now",
+                            fix="wait for it to finish, or pass another --out") from None
+    return f
 
 
 def _pid_alive(pid: int) -> bool:

@@ -247,6 +247,44 @@ def test_sigterm_mid_run_leaves_no_partial_output(tiny_ckpt, tmp_path, after_s):
         assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_run_to_the_same_out_stops_at_once(tiny_ckpt, tmp_path):
+    from deploykit.artifact import ArtifactWriter
+
+    out = tmp_path / "same.deploykit"
+    with ArtifactWriter(out) as work:  # a first run, still writing
+        (work / "model.onnx").write_bytes(b"first")
+        r = subprocess.run([sys.executable, "-m", "deploykit", "compress", str(tiny_ckpt), "--fp32", "--data", "none",
+                            "--no-eval", "--out", str(out)], capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith(f"error: another deploykit run is writing {out} right now. Fix: wait for it")
+    assert (out / "model.onnx").read_bytes() == b"first"  # the first run committed, untouched
+    with ArtifactWriter(tmp_path / "other.deploykit"):  # the lock is per output path, and released
+        with ArtifactWriter(out, overwrite=True):
+            pass
+
+
+def test_an_unwritable_or_full_disk_is_one_line_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    import deploykit.api as api_mod
+
+    r = subprocess.run([sys.executable, "-m", "deploykit", "compress", str(tiny_ckpt), "--fp32", "--data", "none",
+                        "--no-eval", "--out", "/sys/x.deploykit"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # sysfs refuses even root
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: cannot write the artifact /sys/x.deploykit: Operation not permitted. Fix: ")
+
+    def full(*_a, **_k):  # the disk fills up while the run writes its report
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(api_mod, "write_json", full)
+    with pytest.raises(ArtifactError, match="cannot write the artifact .*: No space left on device"):
+        compress(tiny_ckpt, "fp32", out=tmp_path / "full.deploykit", eval__enabled=False, data__synthetic_images=4,
+                 data__synthetic_steps=0, data__check_images=8)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
     stale = tmp_path / ".s.deploykit.tmp-999999999-abc"   # no such pid
     stale.mkdir()
