@@ -63,6 +63,11 @@ class DistillConfig(StageConfig):
     hflip: bool = True
     max_train_images: int | None = Field(None, ge=1, description="cap on training images (quick runs)")
     seed: int = 0
+    teacher: Literal["original", "tta"] = Field("original", description="tta: the original model's logits averaged "
+                                                "over tta_views (the service's views)")
+    teachers: list[str] = Field(default_factory=list, description="checkpoints of a k-fold or multi-seed ensemble: "
+                                "their logits averaged are the teacher (each loaded like any checkpoint)")
+    tta_views: list[str] = Field(default_factory=lambda: ["original", "hflip", "scale:0.9", "scale:1.1"])
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while training; None = unchanged")
     progress: bool = True
     resume: bool = Field(True, description="checkpoint every epoch to cache_dir and continue from there")

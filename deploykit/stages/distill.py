@@ -1,4 +1,5 @@
-"""Knowledge-distillation fine-tuning of the (pruned) model, with the untouched original as teacher.
+"""Knowledge-distillation fine-tuning of the (pruned) model, with the untouched original as teacher, or the
+original under test-time augmentation (``teacher: tta``), or a k-fold / multi-seed ensemble (``teachers: [...]``).
 
 Runs ``deploykit.training.fit_distill`` on the TRAIN split (a stratified slice of it for validation);
 the evaluation split is never touched. The EMA weights with the best validation macro-F1 replace
@@ -33,7 +34,8 @@ class Distill(Stage):
         if state.data is None:
             raise DataError("the distill stage needs labelled training images",
                             fix=f"pass --data ({data_help()})")
-        model, res = fit_distill(state.model, state.teacher, state.data.train, state.preprocessing, self.config,
+        teacher, members = self._teacher(state)
+        model, res = fit_distill(state.model, teacher, state.data.train, state.preprocessing, self.config,
                                  log=state.log, tag="distill")
         state.model, state.weights_changed = model, True
         # the guard may judge quantization on these train images: held out from fine-tuning, never the eval split
@@ -41,9 +43,59 @@ class Distill(Stage):
         facts = {"best_epoch": res.best_epoch, "val_top1": res.best["top1"], "val_macro_f1": res.best["macro_f1"],
                  "history": res.history, "train_images": res.train_images, "val_images": int(len(res.val_indices)),
                  "stopped_early": res.stopped_early, "resumed_from_epoch": res.resumed_from,
-                 "world_size": res.world_size, "balance": self.config.balance}
+                 "world_size": res.world_size, "balance": self.config.balance,
+                 "teacher": self.config.teacher, "teachers": [str(p) for p in self.config.teachers]}
+        if teacher is not state.teacher:  # what the student learned from, on the same held-out train images
+            kind = " + ".join(k for k, on in (("ensemble", members), ("TTA", self.config.teacher == "tta")) if on)
+            facts["validation"] = self._validation(state, res.val_indices, {
+                "original": state.teacher, **{f"teacher {i}": m for i, m in enumerate(members)},
+                f"teacher ({kind})": teacher, "student": model})
         if timm_arch(model):
             save_pruned(model, state.workdir / DISTILLED_FILE, in_chans=state.preprocessing.channels,
                         model_kwargs=state.model_kwargs)
             facts["file"] = DISTILLED_FILE
         return facts
+
+    def _teacher(self, state: PipelineState):
+        """The teacher the student learns from, and the ensemble's members (empty without ``teachers``)."""
+        import torch
+
+        from ..checkpoint import load_checkpoint
+        from ..teachers import EnsembleTeacher, TTATeacher
+
+        c, teacher, members = self.config, state.teacher, []
+        if c.teachers:
+            members = [load_checkpoint(p).model.eval() for p in c.teachers]
+            x = torch.from_numpy(state.check_inputs()[:2])
+            with torch.inference_mode():
+                want = tuple(state.teacher(x).shape)
+                for p, m in zip(c.teachers, members):
+                    got = tuple(m(x).shape)
+                    if got != want:
+                        raise DataError(f"ensemble teacher {p} gives logits of shape {got[1:]} for this model's "
+                                        f"inputs, the student {want[1:]}",
+                                        fix="list checkpoints of the same task (classes and input size) in teachers")
+            teacher = EnsembleTeacher(members)
+        if c.teacher == "tta":
+            teacher = TTATeacher(teacher, c.tta_views)
+        return teacher.eval(), members
+
+    @staticmethod
+    def _validation(state: PipelineState, indices, models: dict) -> dict:
+        """Top-1 and macro-F1 of each model on the train images held out from fine-tuning."""
+        import numpy as np
+        import torch
+
+        from ..evaluate import classification_metrics
+
+        val = state.data.train.subset(np.asarray(indices))
+        out = {}
+        for name, m in models.items():
+            m.eval()
+            with torch.inference_mode():
+                logits = np.concatenate([m(torch.from_numpy(x)).numpy() for x, _ in val.batches(state.preprocessing,
+                                                                                                 256)])
+            met = classification_metrics(logits, val.labels, len(state.preprocessing.class_names) or
+                                         int(logits.shape[1]))
+            out[name] = {"top1": met["top1"], "macro_f1": met["macro_f1"]}
+        return out
