@@ -135,12 +135,7 @@ def pareto_plot(points: Sequence[dict], path: str | Path, title: str = "accuracy
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, borderaxespad=0)
     elif handles:
         ax.legend(loc="lower right", fontsize=8.5)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def tta_curve_plot(policy: dict, path: str | Path) -> Path:
@@ -168,6 +163,13 @@ def tta_curve_plot(policy: dict, path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8.5)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write to a hidden temp file, rename into place (never a half-written PNG), close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
