@@ -89,10 +89,9 @@ def main() -> None:
              "| model | inference cost | top-1 % | macro-F1 % |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['cost']} | {r['top1']:.2f} | {r['macro_f1']:.2f} |" for r in rows]
     lines += ["", f"Student - best teacher: {verdict['student_minus_best_teacher']:+.2f} top-1 points; student - "
-              f"ensemble: {verdict['student_minus_ensemble']:+.2f}. Distillation: "
-              f"{result['distill']['best_epoch'] + 1 if isinstance(result['distill'].get('best_epoch'), int) else '?'}"
-              f" best epoch of {len(result['distill'].get('history', []))}, train images "
-              f"{result['distill'].get('train_images')}."]
+              f"ensemble: {verdict['student_minus_ensemble']:+.2f}. Distillation: best epoch "
+              f"{result['distill'].get('best_epoch')} of {len(result['distill'].get('history', []))} (EMA weights, "
+              f"chosen on held-out train images), {result['distill'].get('train_images')} train images."]
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "kfold_distill.json").write_text(json.dumps(result, indent=2) + "\n")
