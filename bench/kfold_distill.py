@@ -31,6 +31,7 @@ from deploykit.environment import machine_line, versions  # noqa: E402
 from deploykit.evaluate import classification_metrics  # noqa: E402
 
 REFERENCE = ROOT / "models/resnet10t_fmnist.pth"
+METRICS = ("top1", "macro_f1", "per_class_f1")
 
 
 def torch_logits(model, x: np.ndarray) -> np.ndarray:
@@ -45,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,2", help="seeds of the teachers trained here (the reference is seed 42)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "deploykit-kfold"))
+    ap.add_argument("--reuse", action="store_true", help="keep a student already distilled in --work")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -57,10 +59,11 @@ def main() -> None:
                            check=True)
         teachers.append(path)
     out = work / "student.deploykit"
-    subprocess.run([str(Path(sys.executable).with_name("deploykit")), "compress", str(REFERENCE), "--recipe",
-                    str(ROOT / "bench/recipes/kd-ensemble.yaml"), "--data", "fashion-mnist", "--out", str(out),
-                    "--overwrite", "--set", "stages.distill.teachers=[" + ", ".join(map(str, teachers)) + "]"],
-                   check=True)
+    if not (args.reuse and (out / "manifest.json").is_file()):
+        subprocess.run([str(Path(sys.executable).with_name("deploykit")), "compress", str(REFERENCE), "--recipe",
+                        str(ROOT / "bench/recipes/kd-ensemble.yaml"), "--data", "fashion-mnist", "--out", str(out),
+                        "--overwrite", "--set", "stages.distill.teachers=[" + ", ".join(map(str, teachers)) + "]"],
+                       check=True)
     art = Artifact.open(out)
     pre = art.preprocessing
     test = load_fashion_mnist("test")
@@ -71,13 +74,13 @@ def main() -> None:
         lg = torch_logits(load_checkpoint(path).model, x)
         logits.append(lg)
         rows.append({"model": f"teacher {i} ({Path(path).name})", "cost": "1x",
-                     **{m: classification_metrics(lg, test.labels, k)[m] for m in ("top1", "macro_f1")}})
+                     **{m: classification_metrics(lg, test.labels, k)[m] for m in METRICS}})
     ens = np.mean(logits, axis=0)
     rows.append({"model": f"ensemble of {len(teachers)} (logits averaged)", "cost": f"{len(teachers)}x",
-                 **{m: classification_metrics(ens, test.labels, k)[m] for m in ("top1", "macro_f1")}})
+                 **{m: classification_metrics(ens, test.labels, k)[m] for m in METRICS}})
     student = art.backend().run(x)
     rows.append({"model": "student: the reference distilled from the ensemble (FP32 ONNX)", "cost": "1x",
-                 **{m: classification_metrics(student, test.labels, k)[m] for m in ("top1", "macro_f1")}})
+                 **{m: classification_metrics(student, test.labels, k)[m] for m in METRICS}})
     best = max(r["top1"] for r in rows[:len(teachers)])
     verdict = {"student_minus_best_teacher": round(rows[-1]["top1"] - best, 3),
                "student_minus_ensemble": round(rows[-1]["top1"] - rows[-2]["top1"], 3)}
@@ -92,6 +95,11 @@ def main() -> None:
               f"ensemble: {verdict['student_minus_ensemble']:+.2f}. Distillation: best epoch "
               f"{result['distill'].get('best_epoch')} of {len(result['distill'].get('history', []))} (EMA weights, "
               f"chosen on held-out train images), {result['distill'].get('train_images')} train images."]
+    short = ["teacher 0", "teacher 1", "teacher 2", "ensemble", "student"][:len(rows)] if len(rows) == 5 else \
+        [r["model"] for r in rows]
+    lines += ["", "Per-class F1 (%):", "", "| class | " + " | ".join(short) + " |", "|---|" + "---|" * len(rows)]
+    for c, name in enumerate(pre.class_names):
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_class_f1'][c]:.2f}" for r in rows) + " |")
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "kfold_distill.json").write_text(json.dumps(result, indent=2) + "\n")

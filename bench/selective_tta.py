@@ -6,7 +6,9 @@ half of the evaluation split). Then, with the shipped runtime:
     a second for an uncertain image's extra views) and with every view in one call; timed side by side in
     alternating blocks (deploykit.measure.time_variants), reported per image and as a ratio to no TTA;
   * accuracy on the whole Fashion-MNIST test split (top-1, macro-F1, images fixed and broken vs no TTA), and the
-    stage's own numbers on the half it did not choose on.
+    stage's own numbers on the half it did not choose on;
+  * cost per HTTP request: the artifact served by `bentoml serve deploykit.serving:Classifier` (adaptive batching
+    on), one client sending test PNGs with tta=none / policy / all in rotating order, so load hits all alike.
 
     .venv/bin/python bench/selective_tta.py --out bench/results
 """
@@ -42,6 +44,46 @@ def compress(ckpt: str, data: str, out: Path) -> Artifact:
     subprocess.run([str(Path(sys.executable).with_name("deploykit")), "compress", str(ROOT / ckpt), "--int8",
                     "--data", data, "--out", str(out), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     return Artifact.open(out)
+
+
+def request_cost(art: Artifact, rounds: int, log: Path) -> dict:
+    """p50 wall time per /classify request by TTA mode, and each mode's ratio to tta=none (rotating order)."""
+    import io
+    import time
+
+    import requests
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve_load import Server
+
+    test = load_fashion_mnist("test")
+    pngs = []
+    for i in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(test.images[i * 97]).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    modes = ("none", "policy", "all")
+    ms: dict[str, list[float]] = {m: [] for m in modes}
+    views: dict[str, list[int]] = {m: [] for m in modes}
+    srv = Server(art.path, {}, log)
+    try:
+        srv.wait_ready()
+        with requests.Session() as s:
+            for i in range(rounds + 10):  # the first 10 rounds warm the server up and are not counted
+                for m in modes[i % 3:] + modes[:i % 3]:
+                    t0 = time.perf_counter()
+                    r = s.post(f"{srv.url}/classify", files={"image": ("x.png", pngs[i % len(pngs)], "image/png")},
+                               data={"tta": m}, timeout=30)
+                    r.raise_for_status()
+                    if i >= 10:
+                        ms[m].append((time.perf_counter() - t0) * 1e3)
+                        views[m].append(r.json()["tta_views"])
+    finally:
+        srv.stop()
+    p50 = {m: round(float(np.median(v)), 3) for m, v in ms.items()}
+    return {"rounds": rounds, "p50_ms": p50, "ratio_vs_none": {m: round(p50[m] / p50["none"], 3) for m in modes},
+            "mean_views": {m: round(float(np.mean(v)), 3) for m, v in views.items()}}
 
 
 def measure(label: str, art: Artifact, stream: int, rounds: int) -> dict:
@@ -99,6 +141,11 @@ def markdown(r: dict) -> str:
                   f"**{c['policy']:.2f}x** no TTA, every view {c['all']:.2f}x "
                   f"({m['cost_bs1_ms_per_image']['none']:.3f} / {m['cost_bs1_ms_per_image']['policy']:.3f} / "
                   f"{m['cost_bs1_ms_per_image']['all']:.3f} ms per image).", "",
+                  f"Per HTTP request (`bentoml serve`, adaptive batching, one client, {m['http']['rounds']} requests "
+                  f"per mode in rotating order): p50 none {m['http']['p50_ms']['none']:.2f} ms, policy "
+                  f"{m['http']['p50_ms']['policy']:.2f} ms (**{m['http']['ratio_vs_none']['policy']:.2f}x**, "
+                  f"{m['http']['mean_views']['policy']:.2f} views per request), every view "
+                  f"{m['http']['p50_ms']['all']:.2f} ms ({m['http']['ratio_vs_none']['all']:.2f}x).", "",
                   "| TTA | top-1 % (10,000 test images) | macro-F1 % | fixed vs none | broken vs none |",
                   "|---|---|---|---|---|"]
         for k in ("none", "policy", "all"):
@@ -118,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stream", type=int, default=256, help="test images in the batch-1 cost stream")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--http-rounds", type=int, default=200, help="requests per TTA mode through the real server")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
     rows = []
@@ -125,6 +173,7 @@ def main() -> None:
         for label, (ckpt, data) in MODELS.items():
             art = compress(ckpt, data, Path(tmp) / f"{len(rows)}.deploykit")
             rows.append(measure(label, art, args.stream, args.rounds))
+            rows[-1]["http"] = request_cost(art, args.http_rounds, Path(tmp) / f"server{len(rows)}.log")
             print(json.dumps({k: rows[-1][k] for k in ("model", "policy", "cost_ratio_vs_none")}), flush=True)
     result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
               "command": "python bench/selective_tta.py " + " ".join(sys.argv[1:]), "versions": versions(),

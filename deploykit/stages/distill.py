@@ -97,5 +97,5 @@ class Distill(Stage):
                                                                                                  256)])
             met = classification_metrics(logits, val.labels, len(state.preprocessing.class_names) or
                                          int(logits.shape[1]))
-            out[name] = {"top1": met["top1"], "macro_f1": met["macro_f1"]}
+            out[name] = {"top1": met["top1"], "macro_f1": met["macro_f1"], "per_class_f1": met["per_class_f1"]}
         return out
