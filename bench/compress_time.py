@@ -18,7 +18,6 @@ Writes ``compress_time.json`` / ``.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploykit.environment import machine_line, versions  # noqa: E402
+from results_io import stamped, write_results  # noqa: E402
 
 EXHAUSTIVE = ["--set", "stages.select_runtime.early_stop=false", "--set", "stages.select_runtime.evaluate=all",
               "--set", "stages.select_runtime.time_budget_s=240"]
@@ -157,14 +156,8 @@ def main() -> None:
             choices.append({"label": label, **same_choice(fast, full), "exhaustive_wall_s": full["wall_s"],
                             "exhaustive_stages": full["stages"]})
     names = list(dict.fromkeys(n for r in runs for n in r["stages"]))
-    result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
-              "command": "python bench/compress_time.py " + " ".join(sys.argv[1:]), "versions": versions(),
-              "stage_names": names, "runs": runs, "choices": choices}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compress_time.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compress_time.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), "compress_time",
+                  stamped("bench/compress_time.py", stage_names=names, runs=runs, choices=choices), markdown)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ foolbox==3.3.4
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploykit import Artifact, compress  # noqa: E402
 from deploykit.backends import create_backend  # noqa: E402
-from deploykit.environment import machine_line, versions  # noqa: E402
+from results_io import stamped, write_results  # noqa: E402
 from deploykit.evaluate import fidelity  # noqa: E402
 from deploykit.stages.config import Int8CheckConfig  # noqa: E402
 
@@ -85,7 +83,7 @@ def run(ckpt: Path, seed: int, photos, labels, tmp: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Data-free INT8 of EfficientNet-Lite0 (ImageNet weights): synthetic verdict vs real photos", "",
+    lines = ["# Data-free INT8 of EfficientNet-Lite0 (ImageNet weights): synthetic verdict vs real photos", "",
              f"Measured {result['created']} on {result['machine']}.", "", f"Command: `{result['command']}`", "",
              "| synthesis seed | model | synthetic agreement % | synthetic SQNR dB | synthetic verdict | "
              "real agreement /20 | real SQNR dB | real verdict | verdicts agree | top-1 /20 (FP32) | compress s |",
@@ -114,14 +112,8 @@ def main() -> None:
     photos, labels = foolbox_photos()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run(ckpt, int(seed), photos, labels, Path(tmp)) for seed in args.seeds.split(",")]
-    result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
-              "command": "python bench/datafree_lite0.py " + " ".join(sys.argv[1:]), "versions": versions(),
-              "rule": RULE, "real_pass_of_20": REAL_PASS, "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datafree_lite0.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "datafree_lite0.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), "datafree_lite0",
+                  stamped("bench/datafree_lite0.py", rule=RULE, real_pass_of_20=REAL_PASS, runs=runs), markdown)
 
 
 if __name__ == "__main__":

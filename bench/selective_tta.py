@@ -16,7 +16,6 @@ half of the evaluation split). Then, with the shipped runtime:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploykit.artifact import Artifact  # noqa: E402
 from deploykit.data.fashion_mnist import load_fashion_mnist  # noqa: E402
-from deploykit.environment import machine_line, versions  # noqa: E402
+from results_io import stamped, write_results  # noqa: E402
 from deploykit.evaluate import classification_metrics  # noqa: E402
 from deploykit.measure import time_variants  # noqa: E402
 from deploykit.serving.tta import average_logits, make_views  # noqa: E402
@@ -175,14 +174,7 @@ def main() -> None:
             rows.append(measure(label, art, args.stream, args.rounds))
             rows[-1]["http"] = request_cost(art, args.http_rounds, Path(tmp) / f"server{len(rows)}.log")
             print(json.dumps({k: rows[-1][k] for k in ("model", "policy", "cost_ratio_vs_none")}), flush=True)
-    result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
-              "command": "python bench/selective_tta.py " + " ".join(sys.argv[1:]), "versions": versions(),
-              "models": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "selective_tta.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "selective_tta.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), "selective_tta", stamped("bench/selective_tta.py", models=rows), markdown)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from deploykit.backends import create_backend  # noqa: E402
 from deploykit.checkpoint import load_model  # noqa: E402
 from deploykit.data.synthetic import native_bf16, synthesize_from_bn  # noqa: E402
-from deploykit.environment import machine_line, versions  # noqa: E402
+from results_io import stamped, write_results  # noqa: E402
 from deploykit.evaluate import fidelity  # noqa: E402
 from deploykit.measure import stopwatch  # noqa: E402
 from deploykit.preprocessing import resolve_preprocessing  # noqa: E402
@@ -163,12 +163,8 @@ def main() -> None:
                       curve("resnet10t Fashion-MNIST reference", ROOT / "models/resnet10t_fmnist.pth", fashion_mnist,
                             grid, n, Path(tmp))]
         cost = [cost_only("resnet50", (3, 224, 224), grid, n)]
-        result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_line(),
-                  "command": command, "versions": versions(), "calibration_images": n, "curves": curves, "cost": cost}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "synthesis_curve.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "synthesis_curve.md").write_text(markdown(result))
-    print(markdown(result))
+        result = stamped("bench/synthesis_curve.py", calibration_images=n, curves=curves, cost=cost)
+    write_results(out, "synthesis_curve", result, markdown)
 
 
 if __name__ == "__main__":
