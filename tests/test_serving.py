@@ -208,8 +208,15 @@ def test_image_modes_are_converted_not_rejected(server, direct):
 
 
 
+def raw_form(*parts):
+    """A hand-built multipart body, (headers, data) per part: shapes an HTTP library would never send."""
+    body = b"".join(b"--XyZ\r\n" + h + b"\r\n\r\n" + d + b"\r\n" for h, d in parts) + b"--XyZ--\r\n"
+    return {"data": body, "headers": {"Content-Type": "multipart/form-data; boundary=XyZ"}}
+
+
 def _bad_requests():
     png = fmnist_pngs(1)[0][0]
+    cd = b"Content-Disposition: form-data; name="
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     jpg, big_png = encode(Image.fromarray(noise), "JPEG"), encode(Image.new("L", (1200, 1000)))
     f = lambda data, name="image": {"files": {name: ("x.png", data, "image/png")}}  # noqa: E731
@@ -230,6 +237,17 @@ def _bad_requests():
         ("top_k 11", {**f(png), "data": {"top_k": "11"}}, 400, "top_k must be between 1 and 10 .*got 11"),
         ("top_k text", {**f(png), "data": {"top_k": "five"}}, 400, "top_k"),
         ("tta text", {**f(png), "data": {"tta": "maybe"}}, 400, "tta"),
+        # crafted multipart: each a 400 from the same parser BentoML uses, never a 500 or a URL fetch
+        ("image as text (a URL)", raw_form((cd + b'"image"', b"http://127.0.0.1:9/x.png")), 400,
+         "form field 'image' must be a file upload, not a text value"),
+        ("two name= parameters", raw_form((cd + b'"image"; name="evil"; filename="x.png"', png)), 400,
+         r"unknown form field\(s\) 'evil'"),
+        ("unquoted name", raw_form((cd + b'evil; filename="x.png"', png)), 400, r"unknown form field\(s\) 'evil'"),
+        ("RFC 2231 name*=", raw_form((b"Content-Disposition: form-data; name*=UTF-8''image; filename=\"x.png\"", png)),
+         400, "malformed multipart form: .*must be provided"),
+        ("no Content-Disposition", raw_form((b"Content-Type: image/png", png)), 400, "malformed multipart form"),
+        ("two files in image", raw_form((cd + b'"image"; filename="a.png"', png), (cd + b'"image"; filename="b.png"', png)),
+         400, "form field 'image' holds 2 files; /classify takes one"),
     ]
 
 

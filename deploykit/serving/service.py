@@ -33,7 +33,6 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import asyncio  # noqa: E402
 import logging  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 import typing as t  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -159,34 +158,54 @@ def _metrics():
 
 
 FIELDS = {"/classify": ("image", "top_k", "tta"), "/classify_batch": ("images", "top_k", "tta")}
-_PART_NAME = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"', re.IGNORECASE)
 
 
-def form_problem(path: str, content_type: str, body: bytes) -> tuple[int, str] | None:
+async def form_problem(path: str, content_type: str, body: bytes) -> tuple[int, str] | None:
     """What is wrong with a classify request's form, as (status, message), or None if its shape is right.
 
-    Checked before BentoML parses the form: BentoML answers an unknown file field with a 500
-    (it tries to read the bytes as UTF-8 text), and would read a JSON body's string as a file.
+    The form is read with the parser BentoML itself uses (Starlette's, on python-multipart), so both see the same
+    fields: a text value in the file field (which BentoML would fetch as a URL), a part without a usable name, two
+    files where one is expected, or an unknown field are refused here with a 400 instead of reaching BentoML.
     """
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
     ctype = content_type.split(";")[0].strip().lower()
     field = FIELDS[path][0]
+    fix = f"Fix: send the image as -F {field}=@photo.jpg"
     if ctype != "multipart/form-data":
         return 415, (f"content type {ctype or '(none)'!r} is not accepted. Fix: send multipart/form-data with the "
                      f"image in field '{field}', e.g. curl -F {field}=@photo.jpg")
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not m:
+    if "boundary=" not in content_type:
         return 400, "multipart/form-data without a boundary. Fix: let your HTTP client build the form (curl -F)"
-    names = []
-    for part in body.split(b"--" + m.group(1).encode("latin-1"))[1:]:
-        found = _PART_NAME.search(part.split(b"\r\n\r\n", 1)[0])
-        if found:
-            names.append(found.group(1).decode("utf-8", "replace"))
-    unknown = sorted(set(names) - set(FIELDS[path]))
-    if unknown:
-        return 400, (f"unknown form field(s) {', '.join(map(repr, unknown))}; {path} takes "
-                     f"{', '.join(FIELDS[path])}. Fix: send the image as -F {field}=@photo.jpg")
-    if field not in names:
-        return 400, f"form field '{field}' is missing. Fix: send the image as -F {field}=@photo.jpg"
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream()).parse()
+    except MultiPartException as err:
+        return 400, f"malformed multipart form: {err}. {fix}"
+    try:
+        items = form.multi_items()
+        names = [k for k, _ in items]
+        unknown = sorted(set(names) - set(FIELDS[path]))
+        if unknown:
+            return 400, (f"unknown form field(s) {', '.join(map(repr, unknown))}; {path} takes "
+                         f"{', '.join(FIELDS[path])}. {fix}")
+        files = [v for k, v in items if k == field]
+        if not files:
+            return 400, f"form field '{field}' is missing. {fix}"
+        if not all(isinstance(v, UploadFile) for v in files):
+            return 400, f"form field '{field}' must be a file upload, not a text value. {fix}"
+        if path == "/classify" and len(files) > 1:
+            return 400, (f"form field 'image' holds {len(files)} files; /classify takes one. Fix: send one, or "
+                         "several to /classify_batch as -F images=@a.jpg -F images=@b.jpg")
+        for k, v in items:
+            if k != field and (isinstance(v, UploadFile) or names.count(k) > 1):
+                return 400, f"form field '{k}' must be one text value. Fix: e.g. -F {k}=3"
+    finally:
+        await form.close()
     return None
 
 
@@ -216,7 +235,7 @@ class CheckForm:
                 problem = (413, f"request body is over the {self.limit}-byte limit. Fix: send smaller or fewer images")
                 break
         else:
-            problem = form_problem(scope["path"], headers.get("content-type", ""), b"".join(chunks))
+            problem = await form_problem(scope["path"], headers.get("content-type", ""), b"".join(chunks))
         if problem:
             await ClientError(problem[1], problem[0]).response()(scope, receive, send)
             return
