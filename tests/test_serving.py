@@ -237,6 +237,8 @@ def _bad_requests():
         ("top_k 11", {**f(png), "data": {"top_k": "11"}}, 400, "top_k must be between 1 and 10 .*got 11"),
         ("top_k text", {**f(png), "data": {"top_k": "five"}}, 400, "top_k"),
         ("tta text", {**f(png), "data": {"tta": "maybe"}}, 400, "tta"),
+        ("body over one image's limit", f(png + bytes(21 * 2**20)), 413,
+         r"over the 22020096-byte limit of /classify"),  # 20 MiB + 1 MiB, refused while streaming
         # crafted multipart: each a 400 from the same parser BentoML uses, never a 500 or a URL fetch
         ("image as text (a URL)", raw_form((cd + b'"image"', b"http://127.0.0.1:9/x.png")), 400,
          "form field 'image' must be a file upload, not a text value"),

@@ -215,7 +215,10 @@ class CheckForm:
 
     def __init__(self, app, **_):
         self.app = app
-        self.limit = decode.max_bytes() * MAX_IMAGES + 1024 * 1024
+        # per endpoint, while the body streams in: one image's bytes for /classify, MAX_IMAGES' for the batch
+        # (plus 1 MiB of form overhead); a larger body is refused before it is read whole
+        self.limits = {"/classify": decode.max_bytes() + 1024 * 1024,
+                       "/classify_batch": decode.max_bytes() * MAX_IMAGES + 1024 * 1024}
 
     async def __call__(self, scope, receive, send):
         if not (scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in FIELDS):
@@ -231,8 +234,9 @@ class CheckForm:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.limit:
-                problem = (413, f"request body is over the {self.limit}-byte limit. Fix: send smaller or fewer images")
+            if size > self.limits[scope["path"]]:
+                problem = (413, f"request body is over the {self.limits[scope['path']]}-byte limit of "
+                                f"{scope['path']}. Fix: send smaller or fewer images")
                 break
         else:
             problem = await form_problem(scope["path"], headers.get("content-type", ""), b"".join(chunks))
