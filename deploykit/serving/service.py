@@ -275,7 +275,8 @@ class ClassifierModel:
 
     @bentoml.api
     def info(self) -> dict:
-        return {"artifact": str(self.artifact.path), "backend": self.backend.info(),
+        # the directory's name, not its path: /metadata is unauthenticated and must not map the server's disk
+        return {"artifact": self.artifact.path.name, "backend": self.backend.info(),
                 "runtime": self.artifact.runtime, "batching": BATCHING,
                 "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
 
