@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, Terminated
+from .stop import stop_code
 
 MANIFEST, PREPROCESSING, REPORT_JSON, REPORT_MD, RECIPE_YAML = (
     "manifest.json", "preprocessing.json", "report.json", "report.md", "recipe.yaml")
@@ -70,18 +71,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def request_stop(code: int) -> None:
-    """Called by the signal handler (``deploykit.stop``): from now on no ArtifactWriter commits its directory.
-
-    The flag makes the stop stick even where an exception would be lost: raised by a signal handler inside a
-    ``__del__`` or a GC callback, Python prints "Exception ignored" and carries on (once in the test suite a
-    SIGTERM'd run finished with exit code 0).
-    """
-    from . import stop
-
-    stop.request_stop(code)
-
-
 class ArtifactWriter:
     """Build an artifact in a hidden sibling directory; move it into place only when complete.
 
@@ -121,8 +110,6 @@ class ArtifactWriter:
             self._unlock()
 
     def _finish(self, exc_type, exc) -> bool:
-        from .stop import stop_code
-
         if exc_type is not None or stop_code() is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             if exc_type is None:  # a stop whose exception was swallowed on the way, or never checked for

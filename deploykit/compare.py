@@ -38,13 +38,14 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
     ev, pre = recipe.eval, state.preprocessing
     measured = state.measured
     cached = measured.backends if measured is not None else {}
-    # report key -> (name in the measurements, how to load it if select_runtime did not, what its size is)
+    # report key -> (name in the measurements, how to load it if select_runtime did not, what its size is);
+    # files load through the run's cache (state.backend), so a session a stage already opened is reused
     keys = {"original": (TORCH, lambda: create_backend("torch", state.teacher, threads=ev.threads), state.teacher)}
     if state.onnx_fp32_path is not None and state.onnx_fp32_path.exists() and state.precision != "fp32":
-        keys["onnx_fp32"] = (REFERENCE, lambda: create_backend("onnxruntime", state.onnx_fp32_path,
-                                                               threads=ev.threads), state.onnx_fp32_path)
+        keys["onnx_fp32"] = (REFERENCE, lambda: state.backend("onnxruntime", state.onnx_fp32_path,
+                                                              threads=ev.threads), state.onnx_fp32_path)
     settings = {k: v for k, v in state.runtime.settings.items() if k != "precision"}
-    keys["compressed"] = (state.runtime.variant or "shipped", lambda: create_backend(
+    keys["compressed"] = (state.runtime.variant or "shipped", lambda: state.backend(
         state.runtime.backend, final, threads=ev.threads, precision=state.precision, **settings), final)
     names = {key: name for key, (name, _, _) in keys.items()}
     backends = {key: cached[name] if name in cached else make() for key, (name, make, _) in keys.items()}
@@ -92,7 +93,7 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
     for bs, todo_keys in missing.items():
         with console.status(f"timing {', '.join(todo_keys)} at batch {bs}..."):
             run = time_batch_sizes({k: backends[k].run for k in todo_keys}, state.check_inputs(), [bs],
-                                   max_rounds=max(2, ev.latency_runs // 5), warmup=max(1, ev.warmup_runs),
+                                   max_rounds=max(2, ev.latency_runs // 5), warmup=ev.warmup_runs,
                                    time_budget_s=ev.latency_budget_s, eliminate=False)[bs]
         for key in todo_keys:
             records[key][bs] = run.records[key]

@@ -31,7 +31,7 @@ def stage_inputs(teacher, pre, data, data_cfg, console, notes: list[str]) -> Sta
         check = data.eval.head(data_cfg.check_images, seed=data_cfg.seed + 1)
         return StageInputs(calibration_fn=lambda: data.calibration.load(pre, np.arange(len(data.calibration))),
                            check_fn=lambda: check.load(pre, np.arange(len(check))))
-    from .data.synthetic import native_bf16, synthesize_from_bn
+    from .data.synthetic import SYNTH_BATCH, native_bf16, synthesize_from_bn
 
     notes.append(DATA_FREE_NOTE)
     console.print(f"[yellow]warning:[/] {DATA_FREE_NOTE}")
@@ -48,7 +48,7 @@ def stage_inputs(teacher, pre, data, data_cfg, console, notes: list[str]) -> Sta
 
             from .measure import stopwatch
 
-            batches = -(-(n_cal + n_check) // 16)
+            batches = -(-(n_cal + n_check) // SYNTH_BATCH)  # the progress bar counts optimisation steps
             with Progress(console=console, transient=True) as bar, stopwatch() as sw:
                 task = bar.add_task(f"synthesizing {n_cal + n_check} data-free inputs from BatchNorm statistics",
                                     total=batches * data_cfg.synthetic_steps)

@@ -147,8 +147,8 @@ def _timed(fn: Callable, x) -> tuple[float, float]:
 def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 6, block_runs: int = 5,
                   block_s: float = 0.3, time_budget_s: float | None = None, eliminate: bool = True,
                   decide_within: float = 0.05, min_rounds: int = 2, warmup: int = 1,
-                  block_warmup_below_ms: float = 100.0, confidence: float = 0.95, min_runs_to_eliminate: int = 2,
-                  log=None) -> TimingRun:
+                  block_warmup_below_ms: float = 100.0, confidence: float = 0.95,
+                  min_runs_to_eliminate: int = 2) -> TimingRun:
     """Time each of ``fns`` on ``x``: warm-up, then rounds of short blocks alternating between variants.
 
     Why blocks: each runtime keeps its own thread pool, which spins for a while after a call; on 2 cores the next
@@ -160,8 +160,8 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
 
     Early stopping (``eliminate``): after each round, a variant whose median interval lies wholly above the best
     variant's interval cannot be the fastest and is not timed again (its record keeps the runs it got, at least
-    ``min_runs_to_eliminate``: one 2-s PyTorch call at batch 32 measured 1.93 s in one run and 2.56 s in another). The run
-    stops when one variant is left ("decided"), when every remaining variant's interval lies within
+    ``min_runs_to_eliminate``: one 2-s PyTorch call at batch 32 measured 1.93 s in one run and 2.56 s in another).
+    The run stops when one variant is left ("decided"), when every remaining variant's interval lies within
     ``decide_within`` of the fastest median ("tie"), after at least ``min_rounds`` rounds once ``time_budget_s``
     is spent ("time budget"), or after ``max_rounds``.
     """
@@ -202,8 +202,6 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
                 if iv[n][0] > best_hi and records[n].runs >= min_runs_to_eliminate:
                     active.remove(n)
                     records[n].stopped = f"eliminated after round {rounds}: cannot be the fastest"
-                    if log:
-                        log(f"  {n}: eliminated after round {rounds} (p50 {records[n].p50:.2f} ms)")
             if len(active) == 1:
                 stopped = f"decided after round {rounds}: only {active[0]} can be the fastest"
                 break

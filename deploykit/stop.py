@@ -19,7 +19,10 @@ _stop_code: int | None = None
 
 
 def request_stop(code: int) -> None:
-    """From now on ``check_stop`` raises and no ArtifactWriter commits (code: the exit status, 128 + signal)."""
+    """From now on ``check_stop`` raises and no ArtifactWriter commits (code: the exit status, 128 + signal).
+
+    A flag, not only an exception, because an exception raised by a signal handler inside a ``__del__`` or a GC
+    callback is lost (Python prints "Exception ignored" and carries on: once a SIGTERM'd run exited 0)."""
     global _stop_code
     _stop_code = code
 

@@ -169,13 +169,19 @@ def apply_policy(policy: TTAPolicy, run, x: np.ndarray, make_views) -> tuple[np.
         (logits averaged over each image's views, views used per image).
     """
     base = np.asarray(run(x))
-    used = np.ones(len(x), dtype=np.int64)
     esc = np.flatnonzero(policy.escalate(base))
+    more = run(make_views(x[esc], policy.views[1:])) if len(esc) else None
+    return merge_views(base, esc, more, len(policy.views) - 1)
+
+
+def merge_views(base: np.ndarray, esc: np.ndarray, more, n_extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """The originals' logits with the escalated images' extra-view logits averaged in (the second call's answer,
+    image-major, ``n_extra`` views each; None when nothing escalated), and the views used per image. The service's
+    async path and ``apply_policy`` both end here."""
+    used = np.ones(len(base), dtype=np.int64)
     if len(esc):
-        extra = tuple(policy.views[1:])
-        v = len(extra)
-        more = np.asarray(run(make_views(x[esc], extra))).reshape(len(esc), v, -1)
-        base = base.astype(np.float32, copy=True)
-        base[esc] = (base[esc] + more.sum(1)) / (1 + v)
-        used[esc] = 1 + v
+        more = np.asarray(more).reshape(len(esc), n_extra, -1)
+        base = np.asarray(base).astype(np.float32, copy=True)
+        base[esc] = (base[esc] + more.sum(1)) / (1 + n_extra)
+        used[esc] = 1 + n_extra
     return base, used

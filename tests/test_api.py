@@ -298,7 +298,8 @@ def test_stale_tempdir_of_a_killed_run_is_cleaned(tiny_ckpt, tmp_path):
 def test_a_stop_request_blocks_the_commit_even_if_its_exception_was_swallowed(tmp_path, monkeypatch):
     # a SIGTERM handler that fires inside __del__ loses its exception; the flag it sets must still stop the commit
     import deploykit.stop as stop_mod
-    from deploykit.artifact import ArtifactWriter, request_stop
+    from deploykit.artifact import ArtifactWriter
+    from deploykit.stop import request_stop
     from deploykit.errors import Terminated
 
     monkeypatch.setattr(stop_mod, "_stop_code", None)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 
+SYNTH_BATCH = 16  # inputs optimised together (see batch_size below)
+
+
 def synthesize_from_bn(model, input_size: tuple[int, int, int], n: int = 32, steps: int = 30, lr: float = 0.25,
-                       batch_size: int = 16, seed: int = 0, bf16: bool = False, progress=None) -> np.ndarray:
+                       batch_size: int = SYNTH_BATCH, seed: int = 0, bf16: bool = False, progress=None) -> np.ndarray:
     """Return ``n`` float32 inputs (already 'normalized' space) whose BN statistics match the model's.
 
     Args:

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from ..artifact import Artifact  # noqa: E402
+from ..tta_policy import merge_views  # noqa: E402
 from . import decode, retry, store, tta  # noqa: E402
 
 logger = logging.getLogger("bentoml.deploykit")
@@ -349,12 +350,8 @@ class Classifier:
             used = np.ones(len(paths), dtype=np.int64)
             if mode == "selective":
                 esc = np.flatnonzero(self.policy.escalate(logits))
-                if len(esc):
-                    extra = tuple(self.policy.views[1:])
-                    more = np.asarray(await self._infer(tta.make_views(x[esc], extra))).reshape(len(esc), len(extra), -1)
-                    logits = logits.astype(np.float32, copy=True)
-                    logits[esc] = (logits[esc] + more.sum(1)) / (1 + len(extra))
-                    used[esc] = 1 + len(extra)
+                more = await self._infer(tta.make_views(x[esc], self.policy.views[1:])) if len(esc) else None
+                logits, used = merge_views(logits, esc, more, len(self.policy.views) - 1)
                 self.metrics["escalated"].inc(len(esc))
         probs = tta.softmax(logits)
         out = [Classification(predictions=tta.top_k(p, top_k, self.class_names), tta_views=int(v), tta=mode)

@@ -82,19 +82,16 @@ class Distill(Stage):
 
     @staticmethod
     def _validation(state: PipelineState, indices, models: dict) -> dict:
-        """Top-1 and macro-F1 of each model on the train images held out from fine-tuning."""
+        """Top-1, macro-F1 and per-class F1 of each model on the train images held out from fine-tuning."""
         import numpy as np
-        import torch
 
-        from ..evaluate import classification_metrics
+        from ..backends import create_backend
+        from ..evaluate import classification_metrics, predict
 
         val = state.data.train.subset(np.asarray(indices))
         out = {}
         for name, m in models.items():
-            m.eval()
-            with torch.inference_mode():
-                logits = np.concatenate([m(torch.from_numpy(x)).numpy() for x, _ in val.batches(state.preprocessing,
-                                                                                                 256)])
+            logits = predict(create_backend("torch", m), val, state.preprocessing, 256)
             met = classification_metrics(logits, val.labels, len(state.preprocessing.class_names) or
                                          int(logits.shape[1]))
             out[name] = {"top1": met["top1"], "macro_f1": met["macro_f1"], "per_class_f1": met["per_class_f1"]}

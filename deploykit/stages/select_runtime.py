@@ -167,7 +167,8 @@ class SelectRuntime(Stage):
                                                  "still in the race once, in a block")
         block_runs: int = Field(5, ge=1, description="most timed runs per candidate per block (a block holds about "
                                                      "0.3 s of runs, at least one)")
-        warmup_runs: int = Field(1, ge=0, description="untimed runs per candidate before timing a batch size")
+        warmup_runs: int = Field(1, ge=0, description="untimed runs per candidate before timing a batch size "
+                                                      "(at least one: first calls compile and allocate)")
         time_budget_s: float = Field(20.0, gt=0, description="timing budget for all batch sizes together: stop after "
                                                              "the round that passes it (at least 2 rounds each)")
         decide_within: float = Field(0.05, ge=0, description="stop timing once every candidate still in the race is "
@@ -223,10 +224,11 @@ class SelectRuntime(Stage):
 
         # Speed first (cheap with early stopping), then accuracy only where it can change the choice.
         timings = time_batch_sizes(timed, state.check_inputs(), c.batch_sizes, max_rounds=c.rounds,
-                                   block_runs=c.block_runs, warmup=max(1, c.warmup_runs),
+                                   block_runs=c.block_runs, warmup=c.warmup_runs,
                                    time_budget_s=c.time_budget_s, decide_within=c.decide_within,
                                    eliminate=c.early_stop)
         latency = {n: {f"bs{bs}": run.records[n].p50 for bs, run in timings.items()} for n in timed}
+        timing = {n: {f"bs{bs}": run.records[n].to_dict() for bs, run in timings.items()} for n in timed}
 
         labels = None
         if state.data is not None:
@@ -255,7 +257,7 @@ class SelectRuntime(Stage):
             row: dict[str, Any] = {
                 "name": cand.name, "backend": v.backend, "model": cand.path.name, "precision": v.precision,
                 "settings": v.settings, "counterpart": v.counterpart, "latency_ms": latency[cand.name],
-                "timing": {f"bs{bs}": run.records[cand.name].to_dict() for bs, run in timings.items()},
+                "timing": timing[cand.name],
                 "top1_agreement": None, "sqnr_db": None, "top1": None, "evaluated": cand.name in out,
                 "meets_budget": True, "budget_note": "", "runtime": backends[cand.name].info(),
             }
@@ -305,9 +307,8 @@ class SelectRuntime(Stage):
                 else "held-out synthetic inputs", "threads": backends[REFERENCE].threads, "candidates": rows,
                 "timing_stopped": {f"bs{bs}": run.stopped for bs, run in timings.items()},
                 "timing_seconds": round(sum(run.seconds for run in timings.values()), 2),
-                "baselines": {TORCH: {"latency_ms": latency[TORCH],
-                                      "timing": {f"bs{bs}": run.records[TORCH].to_dict()
-                                                 for bs, run in timings.items()}}} if TORCH in latency else {},
+                "baselines": {TORCH: {"latency_ms": latency[TORCH], "timing": timing[TORCH]}} if TORCH in latency
+                else {},
                 "int8_paid": _int8_paid(rows)}
 
     @staticmethod

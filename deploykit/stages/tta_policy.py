@@ -108,9 +108,7 @@ class TTAPolicyStage(Stage):
         """The runtime select_runtime chose, already loaded; else the state's runtime choice, loaded here."""
         if state.measured is not None and state.runtime.variant in state.measured.backends:
             return state.measured.backends[state.runtime.variant]
-        from ..backends import create_backend
-
         rt = state.runtime
         path = state.workdir / rt.model if rt.model else state.onnx_path
         settings = {k: v for k, v in rt.settings.items() if k != "precision"}
-        return create_backend(rt.backend, path, precision=state.precision, **settings)
+        return state.backend(rt.backend, path, precision=state.precision, **settings)
