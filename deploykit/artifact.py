@@ -230,13 +230,26 @@ class Artifact:
     def model_path(self, name: str | None = None) -> Path:
         return self.path / (name or self.runtime["model"])
 
+    def default_backend(self) -> tuple[str, dict]:
+        """The runtime this machine runs the artifact on, and the settings it adds: the recorded one, except that a
+        ``target: gpu`` artifact runs on torch-cuda only where torch sees a GPU (else ONNX Runtime's GPU or CPU
+        providers over model.onnx; ``deploykit.backends.torch_cuda_backend.gpu_artifact_backend``)."""
+        rt = self.runtime
+        if rt.get("target") != "gpu":
+            return rt["backend"], {}
+        from .backends.torch_cuda_backend import gpu_artifact_backend
+
+        return gpu_artifact_backend(rt)
+
     def backend(self, name: str | None = None, threads: int | None = None, **settings: Any):
-        """The artifact's model on its recorded runtime, or on ``name`` (e.g. env DEPLOYKIT_BACKEND)."""
+        """The artifact's model on its runtime here (``default_backend``), or on ``name`` (e.g. env DEPLOYKIT_BACKEND)."""
         from .backends import create_backend
 
         rt = self.runtime
-        name = name or os.environ.get("DEPLOYKIT_BACKEND") or rt["backend"]
-        merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **settings}
+        name, chosen = name or os.environ.get("DEPLOYKIT_BACKEND"), {}
+        if not name:
+            name, chosen = self.default_backend()
+        merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}
         merged.setdefault("precision", rt.get("precision", "fp32"))
         return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
 
@@ -248,7 +261,7 @@ class Artifact:
     def served_files(self, backend: str | None = None) -> list[str]:
         """What serving reads: the model file(s) the runtime runs (an IR's .bin too) and preprocessing.json."""
         rt = self.runtime
-        name = backend or rt["backend"]
+        name = backend or self.default_backend()[0]
         model = rt.get("files", {}).get(name) or rt["model"]
         files = [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
         return [*files, PREPROCESSING, *([TTA_POLICY] if TTA_POLICY in self.manifest.get("files", {}) else [])]

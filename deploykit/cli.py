@@ -25,6 +25,7 @@ class Target(str, Enum):
     cpu = "cpu"
     tensorrt = "tensorrt"
     cuda = "cuda"
+    gpu = "gpu"
 
 
 class CalibMethod(str, Enum):
@@ -45,7 +46,10 @@ PRESETS = {
     ("int8", "cpu"): "int8-ptq", ("fp16", "cpu"): "fp16", ("bf16", "cpu"): "bf16", ("fp32", "cpu"): "fp32",
     ("int8", "tensorrt"): "int8-tensorrt", ("fp16", "tensorrt"): "fp16-tensorrt",
     ("fp16", "cuda"): "fp16", ("fp32", "tensorrt"): "fp32", ("fp32", "cuda"): "fp32",
+    ("fp16", "gpu"): "gpu-fp16", ("bf16", "gpu"): "gpu-bf16",
 }
+# the precision a target gets when no precision flag is given (the torch-cuda runtime runs floats only)
+DEFAULT_PRECISION = {"gpu": "fp16"}
 
 
 def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp32: bool,
@@ -56,7 +60,7 @@ def preset_recipe(recipe: Optional[str], int8: bool, fp16: bool, bf16: bool, fp3
                              fix="drop the extra flags; a --recipe file already says its precision")
     if recipe:
         return recipe
-    precision = chosen[0] if chosen else "int8"
+    precision = chosen[0] if chosen else DEFAULT_PRECISION.get(target or "cpu", "int8")
     key = (precision, target or "cpu")
     if key not in PRESETS:
         ok = ", ".join(f"--{p} --target {t}" for p, t in PRESETS)

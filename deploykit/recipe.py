@@ -165,7 +165,7 @@ class Recipe(BaseModel):
     version: Literal[1] = RECIPE_VERSION
     name: str = "custom"
     description: str = ""
-    target: Literal["cpu", "tensorrt", "cuda"] = "cpu"
+    target: Literal["cpu", "tensorrt", "cuda", "gpu"] = "cpu"  # gpu: the torch-cuda runtime (recipes gpu-*)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageSpec]

@@ -45,6 +45,8 @@ class Backend(ABC):
     # never in the default list), e.g. {"torch-compile": {"compile": True}}; a "device" setting other than
     # "cpu" makes it a GPU variant
     bench_modes: ClassVar[dict[str, dict[str, Any]]] = {}
+    # precisions `deploykit bench` runs a backend that reads the artifact's torch model (model.torch.pth) at
+    bench_precisions: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def unavailable(cls, **settings: Any) -> str | None:
