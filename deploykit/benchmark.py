@@ -185,8 +185,9 @@ def discover_variants(artifact, backends=None, threads: int | None = None) -> tu
         >>> [v.name for v in variants]
         ['onnxruntime/fp32', 'onnxruntime/int8']
     """
-    from .artifact import FLOAT_MODEL, Artifact
+    from .artifact import FINAL_MODEL, FLOAT_MODEL, Artifact
     from .backends import BACKENDS
+    from .torch_model_io import TORCH_MODEL
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
     names = parse_backends(list(default_backends() if backends is None else backends))
@@ -262,14 +263,39 @@ def discover_variants(artifact, backends=None, threads: int | None = None) -> tu
             variants.append(file_variant(b, "bf16", fp32))
         else:
             skip(f"{b.name}/bf16", "this CPU has neither AVX512-BF16 nor AMX-BF16")
+    # backends that run the artifact's torch model (model.torch.pth, target gpu: torch-cuda and its modes), at each
+    # precision they offer; a mode on the same device has the plain backend's numerics: evaluated once, under it
+    torch_file = art.path / TORCH_MODEL
+    on_torch_file = [table[n] for n in names if Path(TORCH_MODEL).suffix in BACKENDS.get(table[n].backend).reads]
+    for b in sorted(on_torch_file, key=lambda b: bool(b.settings)):
+        if not runnable(b, final_precision):
+            continue
+        if not torch_file.is_file():
+            skip(f"{b.name}/{final_precision}", f"the artifact holds no {TORCH_MODEL}; build one with "
+                                                "`deploykit compress --target gpu`")
+            continue
+        plain = table.get(b.backend)
+        same = b.settings and plain is not None and plain.name in names and plain.device == b.device
+        for p in BACKENDS.get(b.backend).bench_precisions or (final_precision,):
+            v = file_variant(b, p, torch_file)
+            v.accuracy_from = f"{b.backend}/{p}" if same else None
+            v.group = f"GPU {p}" if b.device == "gpu" else ""  # the Pareto plot colours GPU points by precision
+            variants.append(v)
     deployed = (art.runtime.get("backend"), art.runtime.get("model"))
     for v in variants:  # a backend's own name, not one of its modes (other settings than the deployed ones)
         v.deployed = (v.backend, v.model_file) == deployed and v.name.split("/")[0] == v.backend
-    # GPU backends (and GPU modes of CPU backends, e.g. onnxruntime-cuda): the deployed model
+        if v.model_file == TORCH_MODEL:  # one file, several precisions: the deployed one is the recorded precision
+            v.deployed = v.deployed and v.precision == final_precision
+    # GPU backends (and GPU modes of CPU backends, e.g. onnxruntime-cuda): the deployed model, or the artifact's
+    # ONNX model (always the final model in ONNX form) for a runtime that cannot read the deployed file
     for name in names:
         b = table[name]
-        if b.device == "gpu" and runnable(b, final_precision):
-            variants.append(file_variant(b, final_precision, art.model_path()))
+        if b.device == "gpu" and b not in on_torch_file and runnable(b, final_precision):
+            model = art.model_path()
+            if model.suffix not in BACKENDS.get(b.backend).reads:
+                model = art.path / FINAL_MODEL
+            variants.append(file_variant(b, final_precision, model))
+            variants[-1].group = f"GPU {final_precision}"
     return variants, skipped
 
 
@@ -356,7 +382,8 @@ def eval_data(art, data: str | None, eval_images: int | None, seed: int = 0):
 
 def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_sizes=(1, 8, 32), *,
                        warmup: int = 5, runs: int = 50, budget_s: float = 15.0, eval_batch: int = 64,
-                       skipped: list[dict] | None = None, log: Callable[[str], None] = print) -> dict:
+                       skipped: list[dict] | None = None, log: Callable[[str], None] = print,
+                       device: str = "cpu") -> dict:
     """Time all ``variants`` side by side per batch size, evaluate each on ``eval_set``; a bench.json dict.
 
     Timing is ``deploykit.measure.time_variants`` without early stopping (a benchmark reports every variant): each
@@ -368,10 +395,17 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         pre: the Preprocessing that makes model inputs (shape, normalisation).
         eval_set: labelled ImageSet for accuracy; None = accuracy not measured (data-free).
         runs, warmup, budget_s: per batch size: most timed runs (rounds = runs // 5), untimed warm-up runs, seconds.
+        device: 'cuda' for GPU variants: latency from CUDA events (``measure.cuda_now``), GPU memory per variant
+            (weights at load, peak above that per batch size), a variant stops at the first batch size that runs
+            out of GPU memory, and the machine line names the GPU, driver, CUDA and torch.
     """
     from .environment import load_average, machine, machine_line, versions
     from .evaluate import classification_metrics
     from .measure import logits_for, stopwatch, time_variants
+
+    on_cuda = device == "cuda"
+    if on_cuda:
+        from . import gpu
 
     skipped = list(skipped or [])
     batch_sizes = parse_batches(list(batch_sizes))
@@ -386,11 +420,13 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
     for v in variants:
         gc.collect()
         before = rss_mb()
+        gpu_before = gpu.memory_mark() if on_cuda else 0
         try:
             with stopwatch() as load:
                 backend = v.make()
                 backend.run(x_max[:1])  # first run compiles / allocates: part of the cost of loading
-            backend.run(x_max)
+            if not on_cuda:  # on a GPU the largest batch may not fit: each batch size is tried in the loop below
+                backend.run(x_max)
         except Exception as err:  # a runtime that cannot take this model is reported, not fatal
             skipped.append({"name": v.name, "reason": f"failed to load/run: {type(err).__name__}: "
                                                       f"{' '.join(str(err).split())[:200]}"})
@@ -401,26 +437,41 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
                         "size_mb": v.size_mb, "load_s": round(load["seconds"], 3), "deployed": v.deployed,
                         "group": v.group, "rss_mb": round(rss_mb() - before, 1), "runtime": backend.info(),
                         "notes": v.notes, "latency_ms": {}, "throughput_ips": {}, "accuracy": None}
+        if on_cuda:  # what loading left allocated (weights, compiled graphs' buffers), then per batch size below
+            rows[v.name]["gpu_memory_mb"] = {"load": gpu.memory_peak_mb(gpu_before), "peak_above_load": {}}
         log(f"loaded {v.name} in {load['seconds']:.1f}s")
 
     if not loaded:
         raise BenchError("no variant could be loaded", fix="check --backends and the artifact ("
                          + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) + ")")
 
+    out_of_memory: dict[str, int] = {}  # variant -> the batch size that did not fit (larger ones are not tried)
     for bs in batch_sizes:
         x = x_max[:bs]
         fns = {}
         for name, backend in loaded.items():
+            if name in out_of_memory:
+                rows[name]["latency_ms"][f"bs{bs}"] = None
+                continue
             try:
-                backend.run(x)  # torch.compile recompiles per shape: keep that out of the timings
+                mark = gpu.memory_mark() if on_cuda else 0
+                backend.run(x)  # torch.compile recompiles per shape (CUDA graphs record one): keep it out of timings
+                if on_cuda:
+                    backend.run(x)
+                    rows[name]["gpu_memory_mb"]["peak_above_load"][f"bs{bs}"] = gpu.memory_peak_mb(mark)
                 fns[name] = backend.run
             except Exception as err:
                 rows[name]["latency_ms"][f"bs{bs}"] = None
-                rows[name]["notes"].append(f"batch {bs} failed: {type(err).__name__}")
+                if on_cuda and gpu.is_out_of_memory(err):
+                    gpu.free_cached_memory()
+                    out_of_memory[name] = bs
+                    rows[name]["notes"].append(f"out of GPU memory at batch {bs}: larger batches not tried")
+                else:
+                    rows[name]["notes"].append(f"batch {bs} failed: {type(err).__name__}")
         log(f"timing batch {bs}: {len(fns)} variants side by side, up to {max(2, runs // 5)} rounds / "
-            f"{budget_s:.0f}s")
+            f"{budget_s:.0f}s{' (CUDA events)' if on_cuda else ''}")
         run = time_variants(fns, x, max_rounds=max(2, runs // 5), warmup=max(1, warmup), time_budget_s=budget_s,
-                            eliminate=False)
+                            eliminate=False, clock="cuda" if on_cuda else "wall")
         for name, rec in run.records.items():
             rows[name]["latency_ms"][f"bs{bs}"] = rec.to_dict()
             rows[name]["throughput_ips"][f"bs{bs}"] = round(rec.throughput, 1)
@@ -443,18 +494,24 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
         notes.append("no labelled evaluation data: accuracy not measured (pass --data)")
 
     threads = sorted({r["runtime"].get("threads") for r in rows.values() if r["runtime"].get("threads")})
+    method = ("deploykit.measure.time_variants: variants alternate in blocks of up to 5 timed runs (one untimed run "
+              "per block for calls under 100 ms), order reversed every round; p50/p90/p99, median interval and CPU "
+              "time of the timed runs after warm-up")
+    if on_cuda:
+        method += ("; latency from CUDA events around each whole call (pinned-memory upload, model, download), "
+                   "after two untimed calls per batch size (a CUDA graph is recorded on the second)")
     return {
         "schema": BENCH_SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        **({"gpu": gpu.gpu_info()} if on_cuda else {}),
         "machine": machine(),
-        "machine_line": machine_line(),
+        "machine_line": f"{gpu.gpu_machine_line()}; host {machine_line()}" if on_cuda else machine_line(),
         "load_average": load_average(),
         "versions": versions(),
         "threads": threads[0] if len(threads) == 1 else threads,
         "settings": {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs, "budget_s_per_batch": budget_s,
-                     "method": "deploykit.measure.time_variants: variants alternate in blocks of up to 5 timed runs "
-                               "(one untimed run per block for calls under 100 ms), order reversed every round; "
-                               "p50/p90/p99, median interval and CPU time of the timed runs after warm-up",
+                     "method": method,
                      "eval_images": int(len(eval_set)) if eval_set is not None else 0,
                      "data": eval_set.name if eval_set is not None else None,
                      "input_size": list(pre.input_size)},
@@ -465,25 +522,68 @@ def benchmark_variants(variants: list[BenchVariant], pre, eval_set=None, batch_s
     }
 
 
+def check_device(device: str, backends: list[str] | None) -> list[str] | None:
+    """The bench names to run on ``device`` ('cpu' or 'cuda'); raises BenchError for what cannot run there.
+
+    On 'cuda' the default is every GPU name (``bench_backends``); a CPU name is refused, and so is a machine where
+    torch sees no GPU (one line, exit 2 from the CLI).
+    """
+    if device == "cpu":
+        return backends
+    if device != "cuda":
+        raise BenchError(f"--device {device!r} is not cpu or cuda", fix="use --device cpu or --device cuda")
+    from .gpu import CUDA_FIX, cuda_unavailable
+
+    why = cuda_unavailable()
+    if why:
+        raise BenchError(f"--device cuda: {why}", fix=f"{CUDA_FIX}, or bench on the CPU without --device cuda")
+    table = bench_backends()
+    names = [n for n, b in table.items() if b.device == "gpu"] if backends is None else parse_backends(backends)
+    cpu = [n for n in names if table[n].device != "gpu"]
+    if cpu:
+        raise BenchError(f"--device cuda runs GPU backends, and {', '.join(cpu)} run on the CPU",
+                         fix=f"choose from {', '.join(n for n, b in table.items() if b.device == 'gpu')}, or bench "
+                             "the CPU backends in a run without --device cuda")
+    return names
+
+
+def batch_sweep(max_batch: int) -> list[int]:
+    """Powers of two from 1 to ``max_batch``: ``--batch auto`` (a GPU variant stops at the first that does not fit).
+
+    Example:
+        >>> batch_sweep(100)
+        [1, 2, 4, 8, 16, 32, 64]
+    """
+    if max_batch < 1:
+        raise BenchError(f"--max-batch {max_batch} is not positive", fix="e.g. --max-batch 1024")
+    return [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+
+
 def run_benchmark(artifact, backends=None, batch_sizes=(1, 8, 32), *, data: str | None = "auto",
                   eval_images: int | None = 1000, threads: int | None = None, warmup: int = 5, runs: int = 50,
-                  budget_s: float = 15.0, log: Callable[[str], None] = print) -> dict:
+                  budget_s: float = 15.0, log: Callable[[str], None] = print, device: str = "cpu",
+                  max_batch: int = 1024) -> dict:
     """Benchmark every variant ``artifact`` offers on ``backends``; returns the bench.json dict.
 
     Args:
-        backends: bench names (``known_backends()``); None = ``default_backends()``.
+        backends: bench names (``known_backends()``); None = ``default_backends()`` (on cuda: the GPU names).
+        batch_sizes: a list, or 'auto' = ``batch_sweep(max_batch)``.
         data: 'auto' = the data the artifact was evaluated on; a dataset name/path; None = no accuracy.
         eval_images: evaluation images per variant (None = whole split).
+        device: 'cpu', or 'cuda' (GPU variants, CUDA-event latency, GPU memory; see ``benchmark_variants``).
     """
     from .artifact import Artifact
 
+    backends = check_device(device, backends)
+    if batch_sizes == "auto":
+        batch_sizes = batch_sweep(max_batch)
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
     variants, skipped = discover_variants(art, backends, threads)
     for s in skipped:
         log(f"skip {s['name']}: {s['reason']}")
     eval_set, pre = eval_data(art, data, eval_images)
     result = benchmark_variants(variants, pre, eval_set, batch_sizes, warmup=warmup, runs=runs, budget_s=budget_s,
-                                skipped=skipped, log=log)
+                                skipped=skipped, log=log, device=device)
     result["artifact"] = {"path": str(art.path), "runtime": art.runtime, "source": art.manifest.get("source", {})}
     return result
 
@@ -499,9 +599,10 @@ def render_markdown(result: dict) -> str:
     """bench.md: one table row per variant, the skipped list, machine and method."""
     bss = result["settings"]["batch_sizes"]
     has_cpu = any(r.get("cpu_ms") for r in result["variants"])
+    has_gpu = any(r.get("gpu_memory_mb") for r in result["variants"])
     head = ["variant", "top-1 %", *[f"bs{b} p50 / p90 / p99 ms" for b in bss],
             *([f"bs{b} CPU ms p50" for b in bss] if has_cpu else []), f"bs{bss[-1]} img/s", "size MB", "RSS +MB",
-            "Pareto"]
+            *(["GPU MB load / peak above load (largest batch)"] if has_gpu else []), "Pareto"]
     front = set(pareto_names(result, bss[0], result.get("plot_metric", "p50")))
     lines = [f"# deploykit bench: {result.get('artifact', {}).get('path', '')}", "",
              f"Measured {result['created']} on {result['machine_line']}, {result['threads']} threads, "
@@ -516,8 +617,14 @@ def render_markdown(result: dict) -> str:
         acc = r["accuracy"]["top1"] if r.get("accuracy") else None
         cpu = [_fmt((r.get("cpu_ms") or {}).get(f"bs{b}", {}).get("p50"), 3) for b in bss] if has_cpu else []
         name = f"{r['name']} (deployed)" if r.get("deployed") else r["name"]
+        gpu_mb = []
+        if has_gpu:
+            mem = r.get("gpu_memory_mb") or {}
+            peaks = mem.get("peak_above_load") or {}
+            last = max(peaks, key=lambda k: int(k[2:])) if peaks else None
+            gpu_mb = [f"{_fmt(mem.get('load'), 1)} / {_fmt(peaks.get(last), 1)}{f' ({last})' if last else ''}"]
         lines.append("| " + " | ".join([name, _fmt(acc), *lat, *cpu, _fmt(r["throughput_ips"].get(f"bs{bss[-1]}"), 1),
-                                        _fmt(r["size_mb"]), _fmt(r["rss_mb"], 1),
+                                        _fmt(r["size_mb"]), _fmt(r["rss_mb"], 1), *gpu_mb,
                                         "yes" if r["name"] in front else ""]) + " |")
     if result.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- `{s['name']}`: {s['reason']}" for s in result["skipped"]]
@@ -571,15 +678,17 @@ def write_bench(result: dict, out: str | Path, plot: bool = True, metric: str = 
     if plot:
         from .plots import pareto_plot
 
-        for b in result["settings"]["batch_sizes"]:
+        bss = result["settings"]["batch_sizes"]
+        threads = "" if result.get("device") == "cuda" else f", {result['threads']} threads"
+        for b in (bss if result.get("device", "cpu") == "cpu" else sorted({bss[0], bss[-1]})):  # a GPU sweep: ends
             pts = _points(result, b, metric)
             if len(pts) >= 1:
                 paths[f"png_bs{b}"] = pareto_plot(
                     pts, out / f"pareto_bs{b}.png",
                     xlabel="CPU time per call, p50 (ms, log scale)" if metric == "cpu_p50" else
-                    "latency p50 (ms, log scale)",
+                    f"latency p50 (ms{', CUDA events' if result.get('device') == 'cuda' else ''}, log scale)",
                     title=f"{Path(result.get('artifact', {}).get('path', 'model')).name}: accuracy vs latency, batch {b}",
-                    subtitle=f"{result['machine_line']}, {result['threads']} threads; "
+                    subtitle=f"{result['machine_line']}{threads}; "
                              f"top-1 on {result['settings']['eval_images']} images",
                     group_key="group" if any(p["group"] for p in pts) else None)
     return paths

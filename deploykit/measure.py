@@ -26,9 +26,40 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+
+
+class _CudaInstant:
+    """A CUDA event recorded on the current stream; ``later - earlier`` waits for ``later`` and gives the seconds
+    the GPU saw between the two (``torch.cuda.Event.elapsed_time``), so it reads like the other clocks."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event):
+        self.event = event
+
+    def __sub__(self, earlier: "_CudaInstant") -> float:
+        self.event.synchronize()
+        return earlier.event.elapsed_time(self.event) / 1000.0
+
+
+def cuda_now() -> _CudaInstant:
+    """The 'cuda' clock: record a timing event on the current CUDA stream (needs a GPU; used only on CUDA).
+
+    A call bracketed by two events is timed from when the GPU reaches the first (at once, on an idle stream) to
+    when it finishes the call's last queued work: the host-side staging in between counts, launch jitter of the
+    host clock does not. Not yet run on a GPU (docs/gpu.md).
+    """
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return _CudaInstant(event)
+
+
 # The clocks a timing can use. 'cpu' = process CPU time (a neighbour preempting us does not advance it; it counts
-# spinning pool threads), 'wall' = elapsed time (what a user waits).
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+# spinning pool threads), 'wall' = elapsed time (what a user waits), 'cuda' = CUDA events on the current stream
+# (GPU runtimes only: ``cuda_now``).
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter, "cuda": cuda_now}
 
 # With fewer than this many samples the order-statistic interval of the median is the whole range, which says
 # nothing; such a median is given the range [min / NOISE, max * NOISE] instead: on these shared machines
@@ -74,6 +105,7 @@ class Timing:
     cpu_ms: list[float] = field(default_factory=list)
     blocks: int = 0
     stopped: str = ""           # why this variant's timing ended
+    clock: str = "wall"         # what wall_ms was read from: 'wall' (perf_counter) or 'cuda' (CUDA events)
 
     def _pct(self, q: float) -> float:
         return round(float(np.percentile(self.wall_ms, q)), 4) if self.wall_ms else float("nan")
@@ -121,7 +153,7 @@ class Timing:
                 "min": round(float(np.min(self.wall_ms)), 4), "iqr": self.iqr_ms,
                 "p50_interval": [round(lo, 4), round(hi, 4)], "cpu_p50": self.cpu_p50,
                 "throughput_ips": round(self.throughput, 1), "runs": self.runs, "blocks": self.blocks,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "clock": self.clock}
 
 
 @dataclass
@@ -138,17 +170,19 @@ class TimingRun:
         return {n: t.p50 for n, t in self.records.items()}
 
 
-def _timed(fn: Callable, x) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
+def _timed(fn: Callable, x, clock: str = "wall") -> tuple[float, float]:
+    """(elapsed ms on ``clock`` — 'wall' or 'cuda' —, process CPU ms) of one call."""
+    now = CLOCKS[clock]
+    w0, c0 = now(), time.process_time()
     fn(x)
-    return (time.perf_counter() - w0) * 1000.0, (time.process_time() - c0) * 1000.0
+    return (now() - w0) * 1000.0, (time.process_time() - c0) * 1000.0
 
 
 def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 6, block_runs: int = 5,
                   block_s: float = 0.3, time_budget_s: float | None = None, eliminate: bool = True,
                   decide_within: float = 0.05, min_rounds: int = 2, warmup: int = 1,
                   block_warmup_below_ms: float = 100.0, confidence: float = 0.95,
-                  min_runs_to_eliminate: int = 2) -> TimingRun:
+                  min_runs_to_eliminate: int = 2, clock: str = "wall") -> TimingRun:
     """Time each of ``fns`` on ``x``: warm-up, then rounds of short blocks alternating between variants.
 
     Why blocks: each runtime keeps its own thread pool, which spins for a while after a call; on 2 cores the next
@@ -164,16 +198,21 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
     The run stops when one variant is left ("decided"), when every remaining variant's interval lies within
     ``decide_within`` of the fastest median ("tie"), after at least ``min_rounds`` rounds once ``time_budget_s``
     is spent ("time budget"), or after ``max_rounds``.
+
+    ``clock`` 'cuda' reads each call's latency from CUDA events (``cuda_now``) instead of the host's wall clock: for
+    GPU runtimes, whose calls then need not synchronise (the end event is waited for).
     """
     from .stop import check_stop
 
+    if clock not in ("wall", "cuda"):
+        raise ValueError(f"time_variants clock {clock!r}: use 'wall' or 'cuda' (CPU time is always recorded)")
     names = list(fns)
-    records = {n: Timing(n, len(x)) for n in names}
+    records = {n: Timing(n, len(x), clock=clock) for n in names}
     est: dict[str, float] = {}
     t_start = time.perf_counter()
     for n in names:  # first calls compile and allocate: never timed
         for _ in range(max(1, warmup)):
-            est[n] = _timed(fns[n], x)[0]
+            est[n] = _timed(fns[n], x, clock)[0]
     active = list(names)
     rounds, stopped = 0, f"{max_rounds} rounds"
     for r in range(max_rounds):
@@ -184,7 +223,7 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
             k = int(min(block_runs, max(1, block_s * 1000.0 // max(est[n], 1e-3))))  # the runs that fit
             rec = records[n]
             for _ in range(k):
-                w, c = _timed(fns[n], x)
+                w, c = _timed(fns[n], x, clock)
                 rec.wall_ms.append(w)
                 rec.cpu_ms.append(c)
             rec.blocks += 1
@@ -272,6 +311,8 @@ def with_planted_slowdown(fn: Callable[[], Any], fraction: float, clock: str = "
     """
     if fraction <= 0:
         return fn
+    if clock == "cuda":
+        raise ValueError("a planted slowdown spins on a host clock: plant it with clock 'cpu' or 'wall'")
     now = CLOCKS[clock]
 
     def slowed():

@@ -2,6 +2,7 @@
 
 Example:
     $ deploykit bench ckpt.deploykit --backends torch,onnxruntime --batch 1,8,32 --out bench-out
+    $ deploykit bench gpu.deploykit --device cuda            # GPU variants, batch 1..1024, CUDA-event latency
     $ deploykit bench ckpt.deploykit --baseline bench/baselines/ref.json --max-slowdown 10%   # exit 0/1/2
     $ deploykit bench ckpt.deploykit --baseline bench/baselines/ref.json --update-baseline
 """
@@ -35,7 +36,12 @@ def register(app: typer.Typer) -> None:
 def bench(
     artifact: Path = typer.Argument(..., help="artifact directory written by `deploykit compress`"),
     backends: str = typer.Option(_BACKENDS_DEFAULT, help=_BACKENDS_HELP),
-    batch: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
+    batch: Optional[str] = typer.Option(None, help="comma-separated batch sizes, or auto (powers of two up to "
+                                        "--max-batch); default 1,8,32, with --device cuda auto"),
+    device: str = typer.Option("cpu", help="cpu, or cuda: the GPU variants (torch-cuda at fp32/fp16/bf16 ...), "
+                               "latency from CUDA events, GPU memory; exit 2 where torch sees no GPU"),
+    max_batch: int = typer.Option(1024, help="largest batch of --batch auto (a GPU variant stops at the first "
+                                  "batch that does not fit in memory)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default <artifact>.bench)"),
     data: str = typer.Option("auto", help="evaluation data: auto (as the artifact was built), a name/path, or none"),
     eval_images: int = typer.Option(1000, help="evaluation images per variant"),
@@ -54,23 +60,28 @@ def bench(
     gate_reference: str = typer.Option("model", help="gate, with --update-baseline: 'model' (copy the deployed model "
                                        "beside the baseline as the reference) or 'synthetic' (a fixed conv net)"),
     gate_clock: str = typer.Option("auto", help="gate, with --update-baseline: 'cpu' (process CPU time: immune to "
-                                   "preemption by neighbours), 'wall' (elapsed), or 'auto' (wall below 2 ms per "
-                                   "call, else cpu)"),
+                                   "preemption by neighbours), 'wall' (elapsed), 'cuda' (CUDA events), or 'auto' "
+                                   "(cuda for a GPU runtime, else wall below 2 ms per call, else cpu)"),
 ) -> None:
     """Benchmark every variant (accuracy, p50/p90/p99, throughput, memory, size), or gate on a baseline."""
     from ..cli import fail
 
     try:
-        if baseline is not None:
-            raise typer.Exit(_gate(artifact, baseline, max_slowdown, update_baseline, batch, out, gate_seconds,
-                                   gate_threads, gate_reference, gate_clock))
+        from ..benchmark import check_device
+
+        names = check_device(device, None if backends == _BACKENDS_DEFAULT and device != "cpu" else backends)
+        if baseline is not None:  # the gate times the deployed runtime (CUDA events when it runs on a GPU)
+            raise typer.Exit(_gate(artifact, baseline, max_slowdown, update_baseline, batch or "1,8,32", out,
+                                   gate_seconds, gate_threads, gate_reference, gate_clock))
         if update_baseline:
             raise DeployKitError("--update-baseline needs --baseline FILE", fix="add --baseline bench/baselines/NAME.json")
         from ..benchmark import parse_backends, parse_batches, run_benchmark, write_bench
 
-        result = run_benchmark(artifact, parse_backends(backends), parse_batches(batch),
+        batch = batch or ("auto" if device == "cuda" else "1,8,32")
+        result = run_benchmark(artifact, parse_backends(names), "auto" if batch == "auto" else parse_batches(batch),
                                data=None if data.lower() == "none" else data, eval_images=eval_images, threads=threads,
-                               warmup=warmup, runs=runs, budget_s=budget, log=lambda s: typer.echo(s, err=True))
+                               warmup=warmup, runs=runs, budget_s=budget, log=lambda s: typer.echo(s, err=True),
+                               device=device, max_batch=max_batch)
         out = out or artifact.with_name(artifact.name.rstrip("/") + ".bench")
         if plot_metric not in ("p50", "cpu_p50"):
             raise DeployKitError(f"--plot-metric {plot_metric!r} is not p50 or cpu_p50", fix="use --plot-metric cpu_p50")

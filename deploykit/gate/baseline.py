@@ -40,7 +40,7 @@ def make_baseline(artifact, path: str | Path, batch_sizes=(1,), *, threads: int 
     else:
         raise GateError(f"unknown gate reference {reference!r}", fix="use --gate-reference model or synthetic")
     if clock not in (*CLOCKS, "auto"):
-        raise GateError(f"unknown gate clock {clock!r}", fix="use --gate-clock auto, cpu or wall")
+        raise GateError(f"unknown gate clock {clock!r}", fix="use --gate-clock auto, cpu, wall or cuda")
     entries = [measure_gate(art, b, spec, threads=threads, seconds=seconds, base_dir=path.parent, clock=clock)
                for b in parse_batches(list(batch_sizes))]
     data = {"schema": BASELINE_SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -110,7 +110,8 @@ def model_reference(artifact, base_dir: Path | None = None) -> dict:
 # neighbour preempting us does not advance; on the loaded 2-core machine it shrank the bs32 A/A CI from -19%..+81%
 # (wall) to -0.1%..+2.9% in the same 2 s. 'wall': elapsed time; for sub-millisecond calls it was the better one
 # (bs1, 0.2 ms: median CI width 1.9% vs 4.2% for cpu, whose accounting is coarse at that scale).
-# 'auto' (default) picks wall below AUTO_CLOCK_MS per model call and cpu above (docs/benchmarks.md).
+# 'auto' (default) picks wall below AUTO_CLOCK_MS per model call and cpu above (docs/benchmarks.md), and 'cuda'
+# (CUDA events) when the deployed runtime runs on a GPU (torch-cuda).
 AUTO_CLOCK_MS = 2.0
 
 
@@ -137,6 +138,8 @@ def measure_gate(artifact, batch: int, reference: dict, *, threads: int = 1, sec
     fn = with_planted_slowdown(lambda: backend.run(x), slowdown, clock)
     ref = ReferenceWorkload(reference, batch, art.preprocessing.input_size, threads, base_dir)
     reference = dict(reference)
+    if clock == "auto" and getattr(backend, "on_cuda", False):  # a GPU runtime: CUDA events (measure.cuda_now)
+        clock = "cuda"
     if clock == "auto":  # decided once, when a baseline is made; comparisons reuse the stored choice
         probe = measure_ratios(fn, ref, seconds=0.2, min_rounds=5, warmup_s=0.1, clock="wall")
         clock = "wall" if _median(probe["candidate_ms"]) < AUTO_CLOCK_MS else "cpu"
