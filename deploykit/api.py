@@ -22,6 +22,7 @@ from .artifact import (MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT
                        build_manifest, finalize_model, write_json)
 from .recipe import Recipe, load_recipe
 from .report import REPORT_SCHEMA, render_markdown
+from .stages.select_runtime import ChainBudgetMissed
 
 
 @dataclass
@@ -115,25 +116,34 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     notes: list[str] = list(input_notes) + (list(data.notes) if data is not None else [])
     with ArtifactWriter(out, overwrite=overwrite) as workdir:
         teacher = loaded.model.eval()
-        state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
-                              data=data, target=recipe.target, log=console.print,
-                              inputs=stage_inputs(teacher, pre, data, recipe.data, console, notes),
-                              model_kwargs=dict(loaded.model_kwargs or {}))
-
+        inputs = stage_inputs(teacher, pre, data, recipe.data, console, notes)
         steps = []
         if data is None:  # data-free: synthesizing the inputs is a step of its own, with its own time
             with stopwatch() as sw:
-                state.check_inputs()
+                inputs.check()
             console.print(f"[green]done[/] synthesize_inputs in {sw['seconds']:.1f}s")
             steps.append({"name": "synthesize_inputs", "seconds": round(sw["seconds"], 3)})
-        lineage = []
-        for spec, stage in zip(recipe.stages, stages):
-            check_stop()
-            with console.status(f"stage {spec.name}..."), stopwatch() as sw:
-                facts = stage.run(state)
-            console.print(f"[green]done[/] {spec.name} in {sw['seconds']:.1f}s")
-            lineage.append({"name": spec.name, "config": spec.config.model_dump(mode="json"),
-                            "seconds": round(sw["seconds"], 3), "facts": facts})
+        backed_off: list[dict] = []
+        while True:
+            state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
+                                  data=data, target=recipe.target, log=console.print, inputs=inputs,
+                                  model_kwargs=dict(loaded.model_kwargs or {}))
+            try:
+                lineage = _run_stages(recipe, stages, state, console)
+                break
+            except ChainBudgetMissed as miss:
+                relaxed = _relaxed(recipe)
+                if relaxed is None:
+                    raise
+                old_prune, recipe = recipe.stage("prune"), relaxed
+                backed_off.append({"missed": miss.problem, "prune_before": _prune_target(old_prune),
+                                   "prune_after": _prune_target(recipe.stage("prune"))})
+                console.print(f"[yellow]accuracy budget missed ({miss.problem}); pruning less: "
+                              f"{backed_off[-1]['prune_before']} -> {backed_off[-1]['prune_after']}[/]")
+                notes.append(f"the chain missed the accuracy budget against the original and re-ran with less "
+                             f"pruning ({backed_off[-1]['prune_before']} -> {backed_off[-1]['prune_after']}): "
+                             f"{miss.problem}")
+                stages = [STAGES.get(spec.name)(spec.config) for spec in recipe.stages]
 
         final = finalize_model(state)
         pre.save(workdir / PREPROCESSING)
@@ -156,6 +166,7 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
             "stages": steps + [{"name": s["name"], "seconds": s["seconds"]} for s in lineage],
             "stage_facts": {**({"synthesize_inputs": state.inputs.origin} if steps else {}),
                             **_facts_by_stage(lineage)},
+            "backed_off": backed_off,
             "notes": notes,
             "total_seconds": round(time.perf_counter() - t_start, 2),
         })
@@ -165,6 +176,36 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
         write_json(workdir / MANIFEST, manifest)
     console.print(f"[bold green]wrote[/] {out}/ in {report['total_seconds']:.1f}s")
     return CompressResult(path=out, report=report, manifest=manifest)
+
+
+def _run_stages(recipe: Recipe, stages: list, state, console) -> list[dict]:
+    """Run each stage on ``state`` in order; returns the lineage (name, config, seconds, facts per stage)."""
+    from .measure import stopwatch
+    from .stop import check_stop
+
+    lineage = []
+    for spec, stage in zip(recipe.stages, stages):
+        check_stop()
+        with console.status(f"stage {spec.name}..."), stopwatch() as sw:
+            facts = stage.run(state)
+        console.print(f"[green]done[/] {spec.name} in {sw['seconds']:.1f}s")
+        lineage.append({"name": spec.name, "config": spec.config.model_dump(mode="json"),
+                        "seconds": round(sw["seconds"], 3), "facts": facts})
+    return lineage
+
+
+def _relaxed(recipe: Recipe) -> Recipe | None:
+    """``recipe`` with less pruning (the prune stage's back-off), or None when it has none left."""
+    spec = recipe.stage("prune")
+    if spec is None or spec.config.back_off < 1:
+        return None
+    return recipe.with_overrides({f"stages.prune.{k}": v for k, v in spec.config.relaxed().model_dump().items()})
+
+
+def _prune_target(spec) -> str:
+    c = spec.config
+    return (f"latency {c.target_latency}" if c.target_latency is not None else
+            f"ratio {c.ratio:g}" if c.ratio is not None else f"MACs -{c.macs_reduction:.0%}")
 
 
 def _facts_by_stage(lineage: list[dict]) -> dict[str, dict]:

@@ -98,8 +98,15 @@ def compress(
     calibration_method: Optional[CalibMethod] = typer.Option(None, help="INT8 range calibration"),
     prune: Optional[float] = typer.Option(None, min=0.0, max=0.95,
                                           help="preset: prune this fraction of MACs + KD fine-tune + INT8 (prune-kd-int8)"),
+    target_latency: Optional[str] = typer.Option(None, "--target-latency",
+                                                 help="preset: prune to this measured latency (0.5x of the unpruned "
+                                                      "model, or 3.2ms; OpenVINO INT8, batch 32) + KD + INT8 "
+                                                      "(prune-latency-int8)"),
     max_drop: Optional[float] = typer.Option(None, min=0.0,
-                                             help="accuracy budget in top-1 points: PTQ keeps sensitive layers in float; QAT recipes: the most select_runtime may lose"),
+                                             help="accuracy budget in top-1 points: PTQ keeps sensitive layers in float; QAT and pruning recipes: the most the final model may lose against the original"),
+    max_f1_drop: Optional[float] = typer.Option(None, "--max-f1-drop", min=0.0,
+                                                help="macro-F1 budget in points against the original (recipes with "
+                                                     "select_runtime)"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on this many images (default: whole split)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory (default <ckpt-stem>.deploykit)"),
@@ -115,15 +122,20 @@ def compress(
 
     try:
         tgt = target.value if target else None
-        if prune is not None and not recipe:
+        if prune is not None and target_latency is not None:
+            raise DeployKitError("--prune and --target-latency both set how much to prune",
+                                 fix="give one: --target-latency 0.5x (measured) or --prune 0.5 (MACs)")
+        if (prune is not None or target_latency is not None) and not recipe:
             if fp16 or bf16 or fp32:
-                raise DeployKitError("--prune builds an INT8 model", fix="use --prune with --int8 (or alone)")
-            recipe, int8 = "prune-kd-int8", False
+                raise DeployKitError("pruning builds an INT8 model", fix="use --prune/--target-latency with --int8 "
+                                                                        "(or alone)")
+            recipe, int8 = ("prune-kd-int8" if prune is not None else "prune-latency-int8"), False
         r = load_recipe(preset_recipe(recipe, int8, fp16, bf16, fp32, tgt))
         budget_key = "stages.accuracy_guard.max_drop"
         if max_drop is not None and not r.stage("accuracy_guard"):
-            if r.stage("qat") and r.stage("select_runtime"):
-                # a QAT model is judged by select_runtime (the guard would re-quantize it with PTQ, undoing QAT)
+            if r.stage("select_runtime") and (r.stage("qat") or r.stage("prune") or r.stage("distill")):
+                # a QAT model is judged by select_runtime (the guard would re-quantize it with PTQ, undoing QAT); a
+                # pruned one too: its budget is against the original, at the end of the chain
                 budget_key = "stages.select_runtime.max_top1_drop"
             elif not r.stage("quantize_onnx"):
                 raise DeployKitError(f"--max-drop needs an INT8 recipe, {r.name!r} has no quantize_onnx stage",
@@ -153,8 +165,14 @@ def compress(
             "eval.threads": threads,
             f"stages.{calib_stage}.method": calibration_method.value if calibration_method else None,
             "stages.prune.macs_reduction": prune,
+            "stages.prune.target_latency": target_latency,
             budget_key: max_drop,
         })
+        if max_f1_drop is not None:
+            if not r.stage("select_runtime"):
+                raise DeployKitError(f"--max-f1-drop needs a recipe that chooses the runtime; {r.name!r} does not",
+                                     fix="use --int8, --target-latency or a recipe with select_runtime")
+            r = r.with_overrides({"stages.select_runtime.max_macro_f1_drop": max_f1_drop})
         if set_:
             r = r.with_overrides(_settings(set_))
         if checkpoint is None and not r.model.factory:

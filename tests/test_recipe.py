@@ -107,16 +107,31 @@ def test_cli_conflicting_presets_exit_2():
 
 @pytest.mark.parametrize("recipe, stage, field", [("int8-ptq", "accuracy_guard", "max_drop"),
                                                   ("prune-kd-int8", "accuracy_guard", "max_drop"),
-                                                  ("qat-int8", "select_runtime", "max_top1_drop")])
+                                                  ("qat-int8", "select_runtime", "max_top1_drop"),
+                                                  ("prune-latency-int8", "select_runtime", "max_top1_drop")])
 def test_cli_max_drop_sets_the_budget_of_the_stage_that_decides(recipe, stage, field):
     # PTQ: the accuracy guard keeps layers in float; QAT: select_runtime refuses variants over the budget
-    # (the guard would re-quantize a QAT model with PTQ)
+    # (the guard would re-quantize a QAT model with PTQ); latency-targeted pruning: select_runtime, against the
+    # original model, at the end of the chain
     out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--recipe", recipe,
                           "--max-drop", "0.7", "--dry-run"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     resolved = parse_recipe(yaml.safe_load(out.stdout))
     assert getattr(resolved.stage(stage).config, field) == 0.7
-    assert (resolved.stage("accuracy_guard") is None) == (recipe == "qat-int8")
+    assert (resolved.stage("accuracy_guard") is None) == (recipe in ("qat-int8", "prune-latency-int8"))
+
+
+def test_cli_target_latency_selects_the_chain_budget_recipe():
+    out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--target-latency", "0.4x",
+                          "--max-f1-drop", "0.8", "--dry-run"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = parse_recipe(yaml.safe_load(out.stdout))
+    assert r.name == "prune-latency-int8" and r.stage("prune").config.target_latency == "0.4x"
+    sel = r.stage("select_runtime").config
+    assert (sel.max_macro_f1_drop, sel.drops_vs) == (0.8, "original")
+    both = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--target-latency", "0.4x",
+                           "--prune", "0.5", "--dry-run"], capture_output=True, text=True)
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "--prune and --target-latency" in both.stderr
 
 
 def test_recipes_keep_repeated_stages_and_address_them_by_index():

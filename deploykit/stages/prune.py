@@ -117,8 +117,9 @@ def classifier_modules(model) -> list:
     return last[-1:]
 
 
-def _prune_once(model, input_size, ratio: float, round_to: int, ignore: list[str], importance: str,
+def _prune_once(model, input_size, ratio: float | dict, round_to: int, ignore: list[str], importance: str,
                 global_pruning: bool):
+    """Prune ``model`` in place: ``ratio`` for every prunable layer, or {module: ratio} (others untouched)."""
     import torch
     import torch_pruning as tp
 
@@ -135,6 +136,9 @@ def _prune_once(model, input_size, ratio: float, round_to: int, ignore: list[str
         ignored.append(names[n])
     imp = tp.importance.MagnitudeImportance(p=2 if importance == "l2" else 1)
     model.eval()
+    # DepGraph traces the autograd graph: a copy of a teacher that distillation froze has no grad_fn to trace, and
+    # Torch-Pruning then silently prunes nothing (seen when the chain re-ran after backing off)
+    model.requires_grad_(True)
     # timm Attention: prune head dimensions, the same number in every head (Torch-Pruning's timm ViT recipe)
     attention = [m for m in model.modules() if _qualname(m) == _TIMM_ATTENTION]
     num_heads = {m.qkv: m.num_heads for m in attention}
@@ -144,7 +148,9 @@ def _prune_once(model, input_size, ratio: float, round_to: int, ignore: list[str
     with warnings.catch_warnings():
         # ViT's cls_token / pos_embed: Torch-Pruning prunes their last dimension, the embedding width, as it should
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_size), importance=imp, pruning_ratio=ratio,
+        per_module = ratio if isinstance(ratio, dict) else None
+        pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_size), importance=imp,
+                                      pruning_ratio=0.0 if per_module else ratio, pruning_ratio_dict=per_module,
                                       ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
                                       num_heads=num_heads, prune_head_dims=True, prune_num_heads=False)
         pruner.step()
@@ -209,18 +215,50 @@ class Prune(Stage):
     class Config(StageConfig):
         ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels to remove per layer")
         macs_reduction: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to remove")
+        target_latency: str | None = Field(None, description="measured latency to reach: 0.5x (of the unpruned "
+                                                               "model) or 3.2ms, on latency_runtime at "
+                                                               "latency_batch_size")
+        latency_runtime: Literal["openvino-int8", "openvino-fp32", "onnxruntime-fp32"] = Field(
+            "openvino-int8", description="the runtime variant the latency target is measured on")
+        latency_batch_size: int = Field(32, ge=1, description="the batch size the latency target is measured at")
+        max_ratio: float = Field(0.8, gt=0, lt=1, description="latency target: most channels removed from one block")
         round_to: int = Field(8, ge=1, description="pruned channel counts are multiples of this")
+        back_off: int = Field(1, ge=0, description="times the whole chain re-runs with half the pruning when the "
+                                                   "final model misses the accuracy budget against the original")
         importance: Literal["l2", "l1"] = "l2"
         global_pruning: bool = False
         ignore: list[str] = Field(default_factory=list, description="module names never pruned (head is always kept)")
 
         @model_validator(mode="after")
         def _one_target(self):
-            if self.ratio is not None and self.macs_reduction is not None:
-                raise ValueError("give ratio or macs_reduction, not both")
-            if self.ratio is None and self.macs_reduction is None:
+            given = [k for k in ("ratio", "macs_reduction", "target_latency") if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give one of ratio, macs_reduction, target_latency, not {' and '.join(given)}")
+            if not given:
                 self.macs_reduction = 0.5
+            if self.target_latency is not None:
+                from ..prune_latency import LatencyTarget
+
+                try:
+                    LatencyTarget.parse(self.target_latency)
+                except RecipeError as err:
+                    raise ValueError(f"{err.problem}; {err.fix}") from None
             return self
+
+        def relaxed(self) -> "Prune.Config":
+            """Half the pruning (a latency target halfway to the unpruned model's), one back-off fewer."""
+            from ..prune_latency import LatencyTarget
+
+            upd: dict = {"back_off": self.back_off - 1}
+            if self.target_latency is not None:
+                t = LatencyTarget.parse(self.target_latency)
+                upd["target_latency"] = (f"{round((1 + t.relative) / 2, 4)}x" if t.relative is not None
+                                         else f"{round(t.ms * 1.5, 4)}ms")
+            elif self.ratio is not None:
+                upd["ratio"] = self.ratio / 2
+            else:
+                upd["macs_reduction"] = self.macs_reduction / 2
+            return self.model_copy(update=upd)
 
     def preflight(self, model) -> None:
         check_prunable(model)
@@ -235,9 +273,12 @@ class Prune(Stage):
         x = torch.from_numpy(state.check_inputs()[:8])
         arch = timm_arch(state.model) or type(state.model).__name__
         try:
-            model, facts = prune_model(state.model, pre.input_size, ratio=c.ratio, macs_reduction=c.macs_reduction,
-                                       round_to=c.round_to, ignore=c.ignore, importance=c.importance,
-                                       global_pruning=c.global_pruning)
+            if c.target_latency is not None:
+                model, facts = self._prune_to_latency(state)
+            else:
+                model, facts = prune_model(state.model, pre.input_size, ratio=c.ratio,
+                                           macs_reduction=c.macs_reduction, round_to=c.round_to, ignore=c.ignore,
+                                           importance=c.importance, global_pruning=c.global_pruning)
             with torch.inference_mode():
                 out = model.eval()(x)
                 ref = state.teacher(x)
@@ -257,6 +298,28 @@ class Prune(Stage):
                         model_kwargs=state.model_kwargs)
             facts["file"] = PRUNED_FILE
         facts["top1_agreement_before_finetune"] = round(float((out.argmax(1) == ref.argmax(1)).float().mean()) * 100, 2)
+        lat = facts.get("latency")
         state.log(f"pruned: MACs {facts['macs_before'] / 1e6:.1f}M -> {facts['macs_after'] / 1e6:.1f}M, "
-                  f"params {facts['params_before'] / 1e6:.2f}M -> {facts['params_after'] / 1e6:.2f}M")
+                  f"params {facts['params_before'] / 1e6:.2f}M -> {facts['params_after'] / 1e6:.2f}M"
+                  + (f", latency {lat['measured_ratio']:.2f}x on {lat['runtime']} bs{lat['batch_size']} "
+                     f"(target {lat['target']})" if lat else ""))
         return facts
+
+    def _prune_to_latency(self, state: PipelineState):
+        """Latency-targeted pruning (``deploykit.prune_latency``) with this stage's pruner settings."""
+        from ..prune_latency import LatencyProbe, LatencyTarget, prune_to_latency
+
+        c, size = self.config, state.preprocessing.input_size
+        check_prunable(state.model)
+        macs0, params0 = count_macs_params(state.model, size)
+
+        def prune_fn(model, ratios):
+            return _prune_once(model, size, ratios, c.round_to, c.ignore, c.importance, c.global_pruning)
+
+        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs())
+        model, latency = prune_to_latency(state.model, size, LatencyTarget.parse(c.target_latency), probe,
+                                          prune_fn=prune_fn, max_ratio=c.max_ratio, log=state.log)
+        macs1, params1 = count_macs_params(model, size)
+        return model, {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
+                       "params_before": params0, "params_after": params1, "round_to": c.round_to,
+                       "ignored": list(c.ignore), "latency": latency}

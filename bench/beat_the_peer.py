@@ -1,0 +1,208 @@
+"""deploykit's latency-targeted prune + KD + INT8 against the best peer, OpenVINO + NNCF INT8 of the original model.
+
+For each model, in one process on one machine:
+  * the original, FP32 (PyTorch), accuracy only;
+  * the peer: the original exported as deploykit exports it (static pads, BN folded: the strongest FP32 graph),
+    quantized by ``nncf.quantize`` with its defaults on the same calibration images, run on OpenVINO;
+  * deploykit: ``deploykit compress CKPT --target-latency T`` (recipe ``prune-latency-int8``: prune to a latency
+    measured on OpenVINO INT8, KD from the original, INT8 for ONNX Runtime and OpenVINO, the runtime chosen by
+    measurement under one accuracy budget against the original), once per ``--balance`` setting.
+Accuracy (top-1, macro-F1) on the whole evaluation split; latency of peer and deploykit timed side by side in
+alternating blocks (``deploykit.measure.time_variants``) at batch 1 and 32; speedup = peer p50 / deploykit p50.
+The prune stage's own prediction (its measured pruned/unpruned ratio on its probe) is compared with the final
+speedup.
+
+Usage:
+    python bench/beat_the_peer.py --models lite0,resnet10t --balance none,sampler --out bench/results
+    python bench/beat_the_peer.py --models resnet10t --balance none --epochs 1 --max-train-images 512 \
+        --eval-images 500 --out /tmp/btp     # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import stamped, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # name -> (checkpoint, dataset, latency target, KD epochs, KD train images (0 = all))
+    "lite0": ("models/efficientnet_lite0_fmnist_lt64.pth", "fashion-mnist-lt", "0.45x", 3, 0),
+    "resnet10t": ("models/resnet10t_fmnist.pth", "fashion-mnist", "0.45x", 2, 20000),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lite0,resnet10t")
+    ap.add_argument("--balance", default="none,sampler", help="KD class balancing settings to run, in order")
+    ap.add_argument("--target-latency", default=None, help="override every model's target (e.g. 0.45x)")
+    ap.add_argument("--epochs", type=int, default=None, help="override every model's KD epochs")
+    ap.add_argument("--max-train-images", type=int, default=None, help="override the KD train images (0 = all)")
+    ap.add_argument("--eval-images", type=int, default=None, help="default: the whole evaluation split")
+    ap.add_argument("--calibration-images", type=int, default=300)
+    ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--max-f1-drop", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=16, help="most timing rounds per batch size")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/deploykit-beat-the-peer"))
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts already built under --work")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return ap.parse_args(argv)
+
+
+def build_peer(ckpt: Path, pre, calibration: np.ndarray, work: Path) -> Path:
+    """The original model as deploykit's FP32 export, quantized by NNCF with its defaults (OpenVINO IR)."""
+    from peers import nncf_default
+
+    from deploykit.checkpoint import load_checkpoint
+    from deploykit.stages.export_onnx import export_onnx
+    from deploykit.stages.fuse_bn import fuse_conv_bn
+    from deploykit.stages.static_pad import make_padding_static
+
+    original = load_checkpoint(ckpt).model.eval()
+    make_padding_static(original, pre.input_size)
+    original, _ = fuse_conv_bn(original)
+    fp32 = export_onnx(original.eval(), work / "original.fp32.onnx", pre.input_size)
+    return nncf_default(fp32, work / "peer.nncf.xml", calibration)
+
+
+def compress_ours(name: str, ckpt: Path, data: str, target: str, epochs: int, train_images: int, balance: str,
+                  args, work: Path):
+    from rich.console import Console
+
+    from deploykit.api import compress
+    from deploykit.artifact import Artifact
+    from deploykit.errors import DeployKitError
+
+    out = work / f"{name}_{balance}.deploykit"
+    if args.reuse and (out / "report.json").exists():
+        return Artifact.open(out), None
+    try:
+        compress(ckpt, "prune-latency-int8", out=out, overwrite=True, console=Console(stderr=True),
+                 data__name=data, data__eval_images=args.eval_images,
+                 data__calibration_images=args.calibration_images,
+                 stages__prune__target_latency=target, stages__distill__epochs=epochs,
+                 stages__distill__max_train_images=train_images or None, stages__distill__balance=balance,
+                 stages__select_runtime__max_top1_drop=args.max_drop,
+                 stages__select_runtime__max_macro_f1_drop=args.max_f1_drop)
+    except DeployKitError as err:  # the chain missed its budget even after backing off: a result, not a crash
+        return None, str(err)
+    return Artifact.open(out), None
+
+
+def run_model(name: str, args) -> list[dict]:
+    from deploykit.backends import create_backend
+    from deploykit.checkpoint import load_checkpoint
+    from deploykit.data import resolve_data
+    from deploykit.evaluate import classification_metrics, predict
+    from deploykit.measure import time_variants
+    from deploykit.recipe import DataConfig
+
+    ckpt_s, data_name, target, epochs, train_images = MODELS[name]
+    ckpt = ROOT / ckpt_s
+    target = args.target_latency or target
+    epochs = args.epochs if args.epochs is not None else epochs
+    train_images = args.max_train_images if args.max_train_images is not None else train_images
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for balance in [b.strip() for b in args.balance.split(",") if b.strip()]:
+        t0 = time.perf_counter()
+        art, failure = compress_ours(name, ckpt, data_name, target, epochs, train_images, balance, args, work)
+        seconds = round(time.perf_counter() - t0, 1)
+        if art is None:
+            rows.append({"model": name, "balance": balance, "failed": failure, "compress_seconds": seconds})
+            continue
+        pre = art.preprocessing
+        data = resolve_data(DataConfig(name=data_name, eval_images=args.eval_images,
+                                       calibration_images=args.calibration_images))
+        peer_path = work / "peer.nncf.xml"
+        if not (args.reuse and peer_path.exists()):
+            calib = data.calibration.load(pre, np.arange(min(args.calibration_images, len(data.calibration))))
+            build_peer(ckpt, pre, calib, work)
+        peer = create_backend("openvino", peer_path, precision="int8")
+        ours = art.backend()
+        original = create_backend("torch", load_checkpoint(ckpt).model.eval())
+        n = len(pre.class_names)
+        acc = {k: classification_metrics(predict(b, data.eval, pre), data.eval.labels, n)
+               for k, b in (("original", original), ("peer", peer), ("ours", ours))}
+        timing = {}
+        for bs in (1, 32):
+            x = data.eval.load(pre, np.arange(bs))
+            run = time_variants({"peer": peer.run, "ours": ours.run}, x, max_rounds=args.rounds, min_rounds=6,
+                                eliminate=False, time_budget_s=40.0)
+            timing[bs] = {k: rec.to_dict() for k, rec in run.records.items()}
+        facts = art.report["stage_facts"]
+        lat = facts["prune"].get("latency") or {}
+        speed = {bs: timing[bs]["peer"]["p50"] / timing[bs]["ours"]["p50"] for bs in (1, 32)}
+        predicted = 1.0 / lat["measured_ratio"] if lat.get("measured_ratio") else None
+        chosen = facts["select_runtime"]["chosen"]
+        rows.append({
+            "model": name, "balance": balance, "checkpoint": ckpt_s, "data": data_name,
+            "eval_images": int(len(data.eval)), "target_latency": target, "kd_epochs": epochs,
+            "kd_train_images": facts["distill"].get("train_images"),
+            "top1": {k: round(v["top1"], 2) for k, v in acc.items()},
+            "macro_f1": {k: round(v["macro_f1"], 2) for k, v in acc.items()},
+            "top1_drop": round(acc["original"]["top1"] - acc["ours"]["top1"], 2),
+            "macro_f1_drop": round(acc["original"]["macro_f1"] - acc["ours"]["macro_f1"], 2),
+            "peer_top1_drop": round(acc["original"]["top1"] - acc["peer"]["top1"], 2),
+            "speedup_vs_peer_bs1": round(speed[1], 3), "speedup_vs_peer_bs32": round(speed[32], 3),
+            "latency_ms": {f"bs{bs}": {k: {m: t[k][m] for m in ("p50", "p50_interval", "runs")}
+                                       for k in ("peer", "ours")} for bs, t in timing.items()},
+            "predicted_speedup_bs32": round(predicted, 3) if predicted else None,
+            "prediction_error": round(abs(predicted - speed[32]) / speed[32], 3) if predicted else None,
+            "shipped": chosen, "macs_kept": facts["prune"]["macs_kept"], "prune_latency": {
+                k: lat.get(k) for k in ("target", "runtime", "batch_size", "measured_ratio", "predicted_ratio",
+                                        "unit_ratios", "met")},
+            "backed_off": art.report.get("backed_off", []), "compress_seconds": seconds,
+        })
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# deploykit vs OpenVINO + NNCF INT8 of the original ({res['created'][:10]})", "",
+             f"Measured on {res['machine']}.", "", "```", res["command"], "```", "",
+             "| model | KD balance | shipped | top-1 orig / peer / ours | macro-F1 orig / peer / ours | top-1 drop | "
+             "macro-F1 drop | speedup vs peer bs1 | bs32 | predicted bs32 |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['model']} | {r['balance']} | failed: {r['failed']} | | | | | | | |")
+            continue
+        t, f = r["top1"], r["macro_f1"]
+        lines.append(f"| {r['model']} | {r['balance']} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
+                     f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
+                     f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x** | "
+                     f"**{r['speedup_vs_peer_bs32']:.2f}x** | {r['predicted_speedup_bs32'] or '-'}x |")
+    lines += ["", "Speedup = the peer's p50 / deploykit's p50, timed side by side in alternating blocks in one run. "
+              "Drops are points below the original FP32 model on the same images (negative = better). "
+              "Predicted = 1 / the pruned-to-unpruned latency ratio the prune stage measured on its OpenVINO INT8 "
+              "probe at batch 32, before fine-tuning.", ""]
+    for r in res["rows"]:
+        if "failed" in r:
+            continue
+        lines.append(f"- **{r['model']} / {r['balance']}**: MACs kept {r['macs_kept']:.2f}, per-block ratios "
+                     f"{r['prune_latency']['unit_ratios']}; bs1 p50 peer {r['latency_ms']['bs1']['peer']['p50']:.3f}"
+                     f" ms vs ours {r['latency_ms']['bs1']['ours']['p50']:.3f} ms, bs32 "
+                     f"{r['latency_ms']['bs32']['peer']['p50']:.3f} vs {r['latency_ms']['bs32']['ours']['p50']:.3f}"
+                     f" ms; compress {r['compress_seconds']:.0f} s"
+                     + (f"; backed off: {r['backed_off']}" if r["backed_off"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows += run_model(name, args)
+    write_results(args.out, "beat_the_peer", stamped("bench/beat_the_peer.py", rows=rows), markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
