@@ -6,11 +6,15 @@ every model call, spin for that fraction of the call's own time, so the planted 
 exactly like the model). Each candidate is decided against
   * its own trial's baseline ("fresh": baseline and candidate measured seconds apart), and
   * every *other* trial's baseline ("stale": the baseline was recorded minutes earlier, as in CI),
-at the limits --limits (default 5% and 10%). The bootstrap CI does not depend on the limit, so one
-estimate serves all limits.
+at the limits --limits (default 5% and 10%). The CI does not depend on the limit, so one estimate serves all
+limits. Each interval is the gate's: a block bootstrap of both runs' rounds, widened by the between-run spread
+(--run-sd; auto = the standard deviation of log median ratio over this proof's baselines, the number
+``deploykit.gate.stats.RUN_SD`` is set from). Coverage = how often the interval holds the planted size (0 for A/A).
+--busy-cores N runs N busy-loop processes beside the proof (an outside process loading the machine).
 
 Usage:
     python bench/gate_proof.py ARTIFACT --trials 60 --seconds 1.0 --batch 1 --out bench/results/gate_proof_bs1.json
+    python bench/gate_proof.py ARTIFACT --trials 40 --busy-cores 1 --out bench/results/gate_proof_bs1_busy.json
 """
 
 from __future__ import annotations
@@ -67,9 +71,45 @@ def main() -> int:
     ap.add_argument("--stale-pairs", type=int, default=5, help="other-trial baselines per candidate (stale mode)")
     ap.add_argument("--out", default="bench/results/gate_proof_bs1.json")
     ap.add_argument("--raw", default=None, help="also save every run's per-round ratios to this .npz")
+    ap.add_argument("--run-sd", default="auto", help="between-run spread for the intervals: auto (from this proof's "
+                                                      "baselines), or a number (0 = within-run noise only)")
+    ap.add_argument("--busy-cores", type=int, default=0, help="outside busy-loop processes during the proof")
     args = ap.parse_args()
     limits = [float(v) for v in args.limits.split(",")]
 
+    import subprocess
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)]
+    try:
+        return run(args, limits)
+    finally:
+        for proc in busy:
+            proc.kill()
+
+
+def planted_sizes(args, clock: str, seconds: float = 4.0) -> dict[str, float]:
+    """Each condition's true slowdown, measured independently of the gate: the planted model against the plain
+    one, call by call (ABBA, ``deploykit.measure.paired_ratios``), median ratio - 1. The spin around a call costs a
+    little more than its nominal fraction, so the nominal number is not the truth (+10% measured +13% before)."""
+    from deploykit.artifact import Artifact
+    from deploykit.gate.measure import _gate_input
+    from deploykit.measure import paired_ratios, with_planted_slowdown
+
+    art = Artifact.open(args.artifact)
+    backend = art.backend(threads=args.threads)
+    x = _gate_input(args.batch, art.preprocessing.input_size)
+
+    def plain():
+        return backend.run(x)
+
+    out = {}
+    for cond, frac in CONDITIONS.items():
+        r = paired_ratios(with_planted_slowdown(plain, frac, clock), plain, seconds=seconds, clock=clock)
+        out[cond] = round(float(np.median(r["ratios"])) - 1.0, 4) if frac else 0.0
+    return out
+
+
+def run(args, limits) -> int:
     t_start = time.perf_counter()
     # the gate's default reference: the baseline's own deployed model (here: the artifact's file, in place)
     reference = model_reference(args.artifact) if args.reference == "model" else {"kind": "synthetic", "repeats": None}
@@ -79,6 +119,8 @@ def main() -> int:
     reference = first["reference"]  # synthetic: repeats now fixed for all runs, as a stored baseline fixes it
     print(f"{first['key']}: model p50 {first['candidate_ms_p50']:.3f} ms, reference ({reference['kind']}) "
           f"{first['reference_ms_p50']:.3f} ms, {first['rounds']} rounds/{args.seconds}s", flush=True)
+    truth = planted_sizes(args, clocks[0])
+    print(f"planted sizes measured directly (planted vs plain calls, paired): {truth}", flush=True)
     rng = random.Random(0)
     all_baselines: dict[str, list[list[float]]] = {c: [] for c in clocks}
     all_runs: list[dict] = []  # {"clock", "trial", "condition", "ratios", "median", "rounds"}
@@ -106,6 +148,9 @@ def main() -> int:
     by_clock: dict = {}
     for clk in clocks:
         baselines, runs = all_baselines[clk], [r for r in all_runs if r["clock"] == clk]
+        run_sd = (float(np.std(np.log([np.median(b) for b in baselines]), ddof=1)) if args.run_sd == "auto"
+                  else float(args.run_sd))
+        covered: dict = {"fresh": {c: [] for c in CONDITIONS}, "stale": {c: [] for c in CONDITIONS}}
         results: dict = {"fresh": {}, "stale": {}}
         slowdowns: dict = {"fresh": {c: [] for c in CONDITIONS}, "stale": {c: [] for c in CONDITIONS}}
         codes: dict = {mode: {(c, p): [] for c in CONDITIONS for p in limits} for mode in results}
@@ -115,8 +160,9 @@ def main() -> int:
             others = [t for t in range(args.trials) if t != r["trial"]]
             pairs += [("stale", t) for t in random.Random(i).sample(others, min(args.stale_pairs, len(others)))]
             for mode, bt in pairs:
-                est = estimate(r["ratios"], baselines[bt], resamples=1000, seed=i)
+                est = estimate(r["ratios"], baselines[bt], resamples=1000, seed=i, run_sd=run_sd)
                 slowdowns[mode][r["condition"]].append(est.slowdown)
+                covered[mode][r["condition"]].append(est.ci[0] <= truth[r["condition"]] <= est.ci[1])
                 widths[mode].append(est.ci[1] - est.ci[0])
                 for p in limits:
                     codes[mode][(r["condition"], p)].append(decide_estimate(est, p).exit_code)
@@ -133,6 +179,9 @@ def main() -> int:
                     "p95": round(xs[min(len(xs) - 1, int(0.95 * len(xs)))], 4)}
             ws = sorted(widths[mode])
             results[mode]["ci_width_median"] = round(ws[len(ws) // 2], 4)
+            results[mode]["coverage_of_planted_size"] = {c: round(sum(v) / len(v), 4) for c, v in
+                                                         covered[mode].items() if v}
+        results["run_sd"] = round(run_sd, 5)
 
         results["rounds_per_run_median"] = sorted(r["rounds"] for r in runs)[len(runs) // 2]
         by_clock[clk] = results
@@ -144,7 +193,8 @@ def main() -> int:
         "machine": machine_line(),
         "versions": {k: v for k, v in versions().items() if k in ("python", "onnxruntime", "openvino", "numpy")},
         "artifact": str(args.artifact), "key": first["key"], "batch": args.batch, "threads": args.threads,
-        "seconds_per_run": args.seconds, "trials": args.trials, "reference": reference["kind"], "clocks": clocks,
+        "seconds_per_run": args.seconds, "trials": args.trials, "busy_cores": args.busy_cores,
+        "reference": reference["kind"], "clocks": clocks, "planted_sizes_measured": truth,
         "reference_repeats": reference.get("repeats"), "nice": os.nice(0),
         "model_ms_p50": first["candidate_ms_p50"], "reference_ms_p50": first["reference_ms_p50"],
         "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2),

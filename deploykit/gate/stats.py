@@ -4,7 +4,8 @@ Absolute times on a shared CI machine drift by tens of percent, so the gate neve
 Each measurement round times the candidate model and a fixed reference workload back to back in
 one process; the per-round ratio candidate/reference cancels machine speed and slow load changes.
 The slowdown is the candidate's median ratio over the baseline's stored median ratio, minus 1,
-with a seeded percentile-bootstrap 95% confidence interval over the rounds of both runs.
+with a seeded 95% confidence interval that covers what separates two runs: a hierarchical bootstrap over blocks
+of consecutive rounds (drift inside a run), widened by the measured spread between runs (``RUN_SD``).
 
 Decision (P = the tolerated slowdown, e.g. 0.10):
   * CI entirely above P        -> 1 regression (clear)
@@ -32,6 +33,8 @@ from ..errors import DeployKitError
 OK, REGRESSION, NOISY = 0, 1, 2
 VERDICTS = {OK: "no regression", REGRESSION: "REGRESSION", NOISY: "too noisy to decide"}
 MIN_ROUNDS = 10
+# Between-run spread of one gate run's log median ratio (see widen_for_runs); set from bench/gate_proof.py.
+RUN_SD = 0.0
 
 
 class GateError(DeployKitError):
@@ -96,9 +99,30 @@ def _check_limit(value: float, text) -> float:
     return value
 
 
+def _block_indices(rng, n: int, blocks: int, k: int):
+    """``k`` hierarchical resamples of ``n`` rounds: ``blocks`` contiguous blocks drawn with replacement, then rounds
+    drawn with replacement inside each drawn block (rounds past the last whole block join it)."""
+    import numpy as np
+
+    blocks = max(1, min(blocks, n))
+    size = n // blocks
+    starts = np.arange(blocks) * size
+    sizes = np.full(blocks, size)
+    sizes[-1] = n - starts[-1]
+    chosen = rng.integers(0, blocks, (k, blocks))
+    offs = (rng.random((k, blocks, size)) * sizes[chosen][:, :, None]).astype(np.int64)
+    return (starts[chosen][:, :, None] + offs).reshape(k, blocks * size)
+
+
 def bootstrap_slowdown_ci(candidate: Sequence[float], baseline: Sequence[float], resamples: int = 2000,
-                          confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap CI of median(candidate)/median(baseline) - 1, resampling both runs independently."""
+                          confidence: float = 0.95, seed: int = 0, blocks: int | None = 8) -> tuple[float, float]:
+    """Hierarchical bootstrap CI of median(candidate)/median(baseline) - 1, resampling both runs independently.
+
+    Rounds are not independent: a run drifts (a neighbour's job starts, the CPU clocks down), so consecutive rounds
+    share a level. Resampling single rounds treats 400 drifting rounds as 400 independent ones and gave intervals
+    that excluded 0 in 5 of 10 A/A runs; resampling ``blocks`` contiguous blocks first, then rounds inside them,
+    carries the drift into the interval. ``blocks=None`` (or 1 round per block) is the plain round bootstrap.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -107,12 +131,35 @@ def bootstrap_slowdown_ci(candidate: Sequence[float], baseline: Sequence[float],
     step = max(1, 2_000_000 // max(len(cand), len(base)))  # chunks keep the index matrices ~16 MB
     for start in range(0, resamples, step):
         k = min(step, resamples - start)
-        c = np.median(cand[rng.integers(0, len(cand), (k, len(cand)))], axis=1)
-        b = np.median(base[rng.integers(0, len(base), (k, len(base)))], axis=1)
+        if blocks:
+            c = np.median(cand[_block_indices(rng, len(cand), blocks, k)], axis=1)
+            b = np.median(base[_block_indices(rng, len(base), blocks, k)], axis=1)
+        else:
+            c = np.median(cand[rng.integers(0, len(cand), (k, len(cand)))], axis=1)
+            b = np.median(base[rng.integers(0, len(base), (k, len(base)))], axis=1)
         stats[start:start + k] = c / b - 1.0
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def widen_for_runs(slowdown: float, ci: tuple[float, float], run_sd: float, confidence: float = 0.95
+                   ) -> tuple[float, float]:
+    """Add the between-run spread to a within-run interval.
+
+    Two runs of the same model minutes apart differ by more than their rounds say (the machine's state persists
+    for minutes); ``run_sd`` is that spread, the standard deviation of one run's log median ratio, measured by
+    ``bench/gate_proof.py`` (A/A runs against other trials' baselines). Candidate and baseline each carry it, so
+    the difference carries sqrt(2) of it, added to each side of the interval in quadrature.
+    """
+    from statistics import NormalDist
+
+    if run_sd <= 0:
+        return ci
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    extra = z * run_sd * 2 ** 0.5 * (1 + slowdown)  # on the ratio scale at the estimate
+    lo, hi = ci
+    return (slowdown - ((slowdown - lo) ** 2 + extra ** 2) ** 0.5, slowdown + ((hi - slowdown) ** 2 + extra ** 2) ** 0.5)
 
 
 @dataclass
@@ -130,8 +177,9 @@ class Estimate:
 
 
 def estimate(candidate: Sequence[float], baseline: Sequence[float], *, resamples: int = 2000,
-             confidence: float = 0.95, seed: int = 0) -> Estimate:
-    """Slowdown (median ratio candidate / median ratio baseline - 1) with its bootstrap CI."""
+             confidence: float = 0.95, seed: int = 0, blocks: int | None = 8, run_sd: float = RUN_SD) -> Estimate:
+    """Slowdown (median ratio candidate / median ratio baseline - 1) with its CI: a hierarchical bootstrap over
+    blocks of rounds, widened by the between-run spread ``run_sd`` (0 = within-run noise only)."""
     for name, xs in (("candidate", candidate), ("baseline", baseline)):
         if len(xs) < MIN_ROUNDS:
             raise GateError(f"the {name} has {len(xs)} timing rounds; the gate needs at least {MIN_ROUNDS}",
@@ -139,7 +187,8 @@ def estimate(candidate: Sequence[float], baseline: Sequence[float], *, resamples
         if any(not (x > 0) for x in xs):
             raise GateError(f"the {name} holds non-positive or NaN ratios", fix="re-create it with --update-baseline")
     m_c, m_b = median(candidate), median(baseline)
-    ci = bootstrap_slowdown_ci(candidate, baseline, resamples, confidence, seed)
+    ci = bootstrap_slowdown_ci(candidate, baseline, resamples, confidence, seed, blocks=blocks)
+    ci = widen_for_runs(m_c / m_b - 1.0, ci, run_sd, confidence)
     return Estimate(m_c / m_b - 1.0, ci, m_c, m_b, len(candidate), len(baseline), resamples, confidence)
 
 
