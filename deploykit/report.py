@@ -69,7 +69,12 @@ def render_markdown(report: dict) -> str:
     sel = report.get("stage_facts", {}).get("select_runtime", {})
     if sel.get("candidates"):
         sizes = sorted({k for c in sel["candidates"] for k in c.get("latency_ms", {})}, key=lambda k: int(k[2:]))
-        lines += ["", "## Runtime chosen by measurement", "", f"**{sel['chosen']}**: {sel.get('reason', '')}", "",
+        budget = sel.get("budget") or {}
+        against = (f" Accuracy budget against the {sel['drops_vs']}: top-1 drop <= {budget['max_top1_drop']}"
+                   + (f", macro-F1 drop <= {budget['max_macro_f1_drop']}" if budget.get("max_macro_f1_drop") is not None
+                      else "") + " points." if budget and sel.get("drops_vs") else "")
+        lines += ["", "## Runtime chosen by measurement", "", f"**{sel['chosen']}**: {sel.get('reason', '')}.{against}",
+                  "",
                   "Latency: median ms [95% interval on the median] n=timed runs; a candidate that could not be the "
                   "fastest stopped being timed early. Timing stopped: "
                   + "; ".join(f"{k}: {v}" for k, v in sel.get("timing_stopped", {}).items()) + ".", "",
@@ -82,6 +87,8 @@ def render_markdown(report: dict) -> str:
         for name, b in sel.get("baselines", {}).items():
             lat = [_timing_cell(b.get("timing", {}).get(k), b.get("latency_ms", {}).get(k)) for k in sizes]
             lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | |")
+    lines += _latency_target_lines(report.get("stage_facts", {}).get("prune", {}).get("latency"),
+                                   report.get("backed_off"))
     tp = report.get("stage_facts", {}).get("tta_policy")
     if tp and tp.get("policy"):
         pol = tp["policy"]
@@ -141,3 +148,28 @@ def print_summary(report: dict, console=None) -> None:
                   f"max |logit diff| {_fmt(fid.get('max_abs_logit_diff'), 4)}")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str]:
+    """The prune stage's latency target: what the sweep predicted and what was measured, trial by trial."""
+    lines = []
+    for b in backed_off or []:
+        lines += ["", f"**Backed off**: {b['missed']}; pruning {b['prune_before']} -> {b['prune_after']}."]
+    if not lat:
+        return lines
+    met = "met" if lat.get("met") else "not met"
+    lines += ["", f"## Pruned to a latency target ({lat['target']} on {lat['runtime']}, batch {lat['batch_size']}: "
+                  f"{met})", "",
+              f"Unpruned {lat['unpruned_ms']:.3f} ms. Each trial pruned the blocks by the sweep's allocation and was "
+              "timed beside the unpruned model; predicted = the sweep's additive estimate, measured = pruned / "
+              "unpruned median in that run.", "",
+              "| trial | predicted | measured | unpruned ms | pruned ms |", "|---|---|---|---|---|"]
+    for i, t in enumerate(lat.get("trials", []), 1):
+        lines.append(f"| {i} | {t['predicted_ratio']:.3f}x | {t['measured_ratio']:.3f}x | {t['unpruned_ms']:.3f} | "
+                     f"{t['pruned_ms']:.3f} |")
+    lines += ["", "| block | latency saved at half its channels | weight mass lost | ratio pruned |",
+              "|---|---|---|---|"]
+    for u in lat.get("sweep", []):
+        lines.append(f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.1%} | "
+                     f"{lat.get('unit_ratios', {}).get(u['unit'], 0.0):.2f} |")
+    return lines
