@@ -102,7 +102,12 @@ def load_torch_model(path: str | Path):
                                       fix="rebuild with the timm version the artifact was written with")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    apply_shapes(model, {n: s for n, s in payload["shapes"].items() if n in dict(model.named_modules())})
+    modules = dict(model.named_modules())
+    missing = [n for n in payload["shapes"] if n not in modules]
+    if missing:
+        raise CheckpointError(f"{path} names modules a rebuilt {payload['arch']} lacks: {missing[:3]}",
+                              fix="rebuild with the arch, model_kwargs and timm version the file was written with")
+    apply_shapes(model, payload["shapes"])
     for name, spec in payload["shapes"].items():  # a folded conv gained a bias its constructor did not make
         mod = model.get_submodule(name)
         for key, shape in spec["tensors"].items():

@@ -121,13 +121,16 @@ class TorchCudaBackend(Backend):
 
     def __init__(self, model, threads: int | None = None, precision: str = "fp16", device: str = "auto",
                  compile: bool | None = None, cuda_graphs: bool | None = None, channels_last: bool = True,
-                 compile_backend: str = "inductor", **_ignored: Any):
+                 compile_backend: str = "inductor", dynamic: bool | None = None, **_ignored: Any):
         """Args:
             model: a ``model.torch.pth`` path or an ``nn.Module`` (copied, never changed).
             device: 'auto' (cuda where torch sees a GPU, else cpu), 'cpu', 'cuda' or 'cuda:N'.
             compile: torch.compile the model; None = on CUDA only (inductor on a CPU compiles C++ for minutes).
             cuda_graphs: replay CUDA graphs (torch.compile mode 'reduce-overhead'); None = on CUDA when compiling.
             compile_backend: torch.compile's backend; 'eager' traces with dynamo only (the CPU dry runs use it).
+            dynamic: torch.compile's ``dynamic``: None = a static graph for the first batch size, one dynamic-batch
+                graph from the second on (two compiles); True = dynamic from the start (one compile: sweeps);
+                False = a graph per batch size (fastest kernels for one fixed batch).
         """
         import torch
 
@@ -168,10 +171,11 @@ class TorchCudaBackend(Backend):
             module = module.to(memory_format=torch.channels_last)
         self.model = module
         self.compile_backend = compile_backend if self.compiled else None
+        self.dynamic = dynamic if self.compiled else None
         if self.compiled:
             _raise_recompile_limit(torch)
             kw = {"mode": "reduce-overhead"} if self.cuda_graphs else {}
-            self._fn = torch.compile(module, backend=compile_backend, **kw)
+            self._fn = torch.compile(module, backend=compile_backend, dynamic=dynamic, **kw)
         else:
             self._fn = module
         self._host_in = None   # pinned host staging buffers, grown on demand (CUDA only)
@@ -243,7 +247,8 @@ class TorchCudaBackend(Backend):
     def info(self) -> dict[str, Any]:
         torch = self._torch
         out = {**super().info(), "version": torch.__version__, "device": str(self.torch_device),
-               "compile": self.compiled, "compile_backend": self.compile_backend, "cuda_graphs": self.cuda_graphs,
+               "compile": self.compiled, "compile_backend": self.compile_backend, "dynamic": self.dynamic,
+               "cuda_graphs": self.cuda_graphs,
                "channels_last": self.channels_last, "pinned_staging": self.on_cuda, "model": self.source,
                "threads": self.threads}
         if self.on_cuda:
