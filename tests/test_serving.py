@@ -7,6 +7,7 @@ same artifact backend in this process through the same decode -> preprocess -> T
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -102,10 +103,11 @@ def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    home = tmp_path_factory.mktemp("bentoml-home")
     proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(artifact), "DEPLOYKIT_MAX_PIXELS": str(PIXEL_LIMIT),
-                              "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}, log)
+                              "BENTOML_HOME": str(home)}, log)
     try:
-        yield {"url": url, "proc": proc, "log": log}
+        yield {"url": url, "proc": proc, "log": log, "home": home}
     finally:
         stop_server(proc)
 
@@ -275,7 +277,7 @@ def test_python_client_openapi_and_metrics(server, direct, tmp_path, artifact):
     assert re.search(r'bentoml_service_request_duration_seconds_count\{[^}]*endpoint="/classify"', metrics)
     meta = requests.post(f"{server['url']}/metadata", timeout=10).json()
     assert meta["tta_views"] == list(DEFAULT_VIEWS) and meta["model"]["backend"]["threads"] == 1
-    assert meta["model"]["batching"] is True
+    assert meta["model"]["batching"] is True and meta["model"]["placement"] == "in-process"
     assert meta["model"]["artifact"] == "tiny.deploykit" and str(artifact.parent) not in json.dumps(meta)  # no paths
 
 
@@ -301,11 +303,13 @@ def selective(artifact, direct, tmp_path_factory):
     manifest["files"][TTA_POLICY] = sha256_file(d / TTA_POLICY)
     write_json(d / MANIFEST, manifest)
     log = tmp_path_factory.mktemp("selective-log") / "server.log"
-    proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(d), "BENTOML_HOME": str(tmp_path_factory.mktemp("home"))},
-                             log)
+    # this server also covers the other model placement (its own BentoML service, called over local HTTP) and the
+    # default input limits (40 MP per image, a 40 MP decode budget)
+    proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(d), "BENTOML_HOME": str(tmp_path_factory.mktemp("home")),
+                              "DEPLOYKIT_MODEL_SERVICE": "1"}, log)
     try:
         yield {"url": url, "pngs": pngs, "escalated": scores < policy.threshold, "policy": policy, "x": x,
-               "backend": art.backend(threads=1), "pre": art.preprocessing}
+               "backend": art.backend(threads=1), "pre": art.preprocessing, "proc": proc, "log": log}
     finally:
         stop_server(proc)
 
@@ -335,6 +339,7 @@ def test_selective_tta_gives_extra_views_only_to_uncertain_images(selective):
     assert escalated == 2 * int(s["escalated"].sum())  # single requests + the batch request
     meta = requests.post(f"{s['url']}/metadata", timeout=10).json()
     assert meta["tta_policy"]["mode"] == "selective" and meta["tta_default"] == "policy"
+    assert meta["model"]["placement"] == "service" and meta["model"]["max_latency_ms"] == 1000
 
 
 def test_selective_is_refused_without_a_selective_policy(server):
@@ -343,6 +348,263 @@ def test_selective_is_refused_without_a_selective_policy(server):
                       data={"tta": "selective"}, timeout=30)
     assert r.status_code == 400 and "tta=selective needs the artifact's selective policy" in r.json()["error"]
 
+
+# --- under load: no 5xx, bounded queue, bounded decode memory, metrics and logs that cannot be abused -------------
+
+def post_many(url: str, requests_: list[tuple[str, bytes, dict]], concurrency: int) -> list[tuple]:
+    """POST (path, png, form) requests from `concurrency` asyncio clients at once -> (status, json or text, headers)."""
+    import asyncio
+
+    import aiohttp
+
+    async def main():
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(s, path, png, form):
+            fd = aiohttp.FormData()
+            fd.add_field("image", png, filename="x.png", content_type="image/png")
+            for k, v in form.items():
+                fd.add_field(k, str(v))
+            async with sem:
+                try:
+                    async with s.post(url + path, data=fd) as r:
+                        body = await r.read()
+                        try:
+                            body = json.loads(body)
+                        except ValueError:
+                            pass
+                        return r.status, body, dict(r.headers)
+                except aiohttp.ClientError as err:  # a dropped connection is a failure the tests count
+                    return type(err).__name__, str(err), {}
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=60)) as s:
+            return await asyncio.gather(*(one(s, *r) for r in requests_))
+    return asyncio.run(main())
+
+
+def test_a_burst_of_concurrent_requests_gets_no_5xx(server, selective, direct):
+    """300 requests, 150 at once, against both model placements: every one a 200 with the artifact's answer.
+    (BentoML's client to a model service used to recycle its connection pool every 100 calls under the requests still
+    using it: 356 of 800 requests at 100 clients were 500s.)"""
+    pngs, _ = fmnist_pngs(3)
+    want = [direct(p, ("original",), 3) for p in pngs]
+    got = post_many(server["url"], [("/classify", pngs[i % 3], {"top_k": 3, "tta": "none"}) for i in range(300)], 150)
+    assert [g[0] for g in got].count(200) == 300, collections.Counter(str(g[0]) for g in got)
+    for i, (_, body, _) in enumerate(got):
+        assert_same(body, want[i % 3])
+    # the model in its own service: two model calls for the uncertain images, so >400 calls through the pool
+    got = post_many(selective["url"], [("/classify", selective["pngs"][i % 6], {"top_k": 3}) for i in range(300)], 150)
+    assert [g[0] for g in got].count(200) == 300, collections.Counter(str(g[0]) for g in got)
+    assert "model call dropped" not in selective["log"].read_text()  # not even retried
+
+
+def test_local_model_merges_calls_that_queue_up_and_answers_each_caller():
+    import asyncio
+    import threading
+
+    from deploykit.serving.local_model import LocalModel
+
+    gate, sizes = threading.Event(), []
+
+    def run(x):  # the first run blocks until every call is queued, so the rest must be merged
+        gate.wait(5)
+        sizes.append(len(x))
+        return x[:, :1, 0, 0] * 10
+
+    async def main():
+        model = LocalModel(run, max_rows=5)
+        xs = [np.full((n, 1, 2, 2), i, np.float32) for i, n in enumerate([1, 2, 2, 1, 3])]
+        calls = [asyncio.create_task(model.infer(xs[0]))]
+        await asyncio.sleep(0.05)                          # an idle model runs the first call at once, alone
+        calls += [asyncio.create_task(model.infer(x)) for x in xs[1:]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return xs, await asyncio.gather(*calls)
+
+    xs, outs = asyncio.run(main())
+    assert sizes == [1, 5, 3]   # first call alone, then 2+2+1 rows merged (<= 5), then the 3-row call
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out, x[:, :1, 0, 0] * 10)
+
+
+def test_decode_budget_lets_small_work_pass_and_refuses_after_waiting():
+    import asyncio
+
+    from deploykit.serving.admission import Budget, Overloaded
+
+    async def main():
+        budget = Budget(100, wait_s=0.05, what="pixels")
+        big = await budget.acquire(90)
+        assert await budget.acquire(10) == 10              # fits beside the big one
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Overloaded, match="100 of 100 pixels"):
+            await budget.acquire(50)                       # waits 50 ms, then refused
+        waited = asyncio.get_running_loop().time() - t0
+        later = asyncio.create_task(budget.acquire(10**6))  # larger than the budget: charged the whole budget
+        budget.release(big)
+        budget.release(10)
+        assert await asyncio.wait_for(later, 1) == 100 and budget.in_use == 100
+        return waited
+
+    assert 0.04 <= asyncio.run(main()) < 1.0
+
+
+@pytest.fixture(scope="module")
+def tight(artifact, server, tmp_path_factory):
+    """A second server on the same BENTOML_HOME as `server`, with a tiny request queue (2 processed + 1 waiting) and
+    a decode budget of one 36-MP image that an upload waits for at most 20 ms."""
+    log = tmp_path_factory.mktemp("tight-log") / "server.log"
+    proc, url = start_server({"DEPLOYKIT_ARTIFACT": str(artifact), "BENTOML_HOME": str(server["home"]),
+                              "DEPLOYKIT_MAX_ACTIVE": "2", "DEPLOYKIT_MAX_QUEUE": "1",
+                              "DEPLOYKIT_DECODE_BUDGET_PIXELS": "36000000", "DEPLOYKIT_DECODE_WAIT_S": "0.02"}, log)
+    try:
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        stop_server(proc)
+
+
+def slow_upload(url: str) -> socket.socket:
+    """A /classify request whose body never finishes: once admitted, it holds one of the server's turns."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+                 b"Content-Length: 100000\r\n\r\n--XyZ\r\n")
+    return sock
+
+
+def test_a_full_queue_answers_503_with_retry_after(tight):
+    import concurrent.futures
+
+    png = fmnist_pngs(1)[0][0]
+    slow = [slow_upload(tight["url"]) for _ in range(2)]   # both turns taken
+    try:
+        time.sleep(1.0)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(requests.post, f"{tight['url']}/classify", timeout=30,
+                                 files={"image": ("x.png", png, "image/png")})   # the one place in the queue
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            r = requests.post(f"{tight['url']}/classify", files={"image": ("x.png", png, "image/png")}, timeout=30)
+            assert r.status_code == 503, r.text
+            assert r.headers["Retry-After"] == "1" and "server is busy" in r.json()["error"]
+            assert time.monotonic() - t0 < 5   # refused at once, not after waiting
+            assert not queued.done()           # the queued request waits, it is not refused
+            for sock in slow:
+                sock.close()
+            assert queued.result(30).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+    assert requests.post(f"{tight['url']}/classify", files={"image": ("x.png", png, "image/png")},
+                         timeout=30).status_code == 200
+
+
+def big_black_png() -> bytes:
+    return encode(Image.new("RGB", (6000, 6000)))   # 36 MP, ~105 KB: under the 40-MP per-image limit
+
+
+def test_uploads_over_the_decode_budget_get_503_with_retry_after(tight):
+    got = post_many(tight["url"], [("/classify", big_black_png(), {})] * 2, 2)
+    statuses = sorted(str(g[0]) for g in got)
+    assert statuses == ["200", "503"], got   # one decodes, the other finds the budget full for longer than 20 ms
+    refused = next(g for g in got if g[0] == 503)
+    assert refused[2]["Retry-After"] == "1" and "decoded pixels" in refused[1]["error"]
+
+
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def test_concurrent_large_uploads_are_decoded_within_the_budget(selective):
+    """Six 36-MP uploads at once (each ~110 MB decoded, more while converted) on a server with the default 40-MP
+    budget: decoded one at a time, so memory stays bounded, and a small request is not stuck behind them."""
+    import threading
+
+    before, peak, done = tree_rss_mb(selective["proc"].pid), [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], tree_rss_mb(selective["proc"].pid))
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    small = selective["pngs"][0]
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(1) as pool:
+        bigs = pool.submit(post_many, selective["url"], [("/classify", big_black_png(), {})] * 6, 6)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert classify(selective["url"], small, top_k=1)["predictions"]
+        small_s = time.monotonic() - t0
+        got = bigs.result(120)
+    done.set()
+    t.join()
+    assert [g[0] for g in got] == [200] * 6, [(g[0], g[1]) for g in got]
+    assert small_s < 2.0, small_s
+    # unbounded, six decodes at once took ~1.2-1.8 GB; one at a time ~300 MB
+    assert peak[0] - before < 700, (before, peak[0])
+
+
+def request_totals(metrics: str, endpoint: str) -> float:
+    return sum(float(v) for v in re.findall(rf'^bentoml_service_request_total\{{[^}}]*endpoint="{re.escape(endpoint)}"'
+                                            r'[^}]*\} (\S+)$', metrics, re.M))
+
+
+def test_two_servers_on_one_machine_keep_separate_metrics(server, tight):
+    png = fmnist_pngs(1)[0][0]
+    before = request_totals(requests.get(f"{server['url']}/metrics", timeout=10).text, "/classify")
+    tight_before = request_totals(requests.get(f"{tight['url']}/metrics", timeout=10).text, "/classify")
+    for _ in range(3):
+        assert requests.post(f"{tight['url']}/classify", files={"image": ("x.png", png, "image/png")},
+                             timeout=30).status_code == 200
+    assert request_totals(requests.get(f"{tight['url']}/metrics", timeout=10).text, "/classify") == tight_before + 3
+    assert request_totals(requests.get(f"{server['url']}/metrics", timeout=10).text, "/classify") == before
+    dirs = {p.name for p in (server["home"] / "deploykit_prometheus").iterdir()}
+    assert {str(server["proc"].pid), str(tight["proc"].pid)} <= dirs
+
+
+def test_unknown_paths_share_one_metrics_label(server):
+    rng = np.random.default_rng(1)
+    paths = [f"/{rng.integers(1 << 60):x}/{i}" for i in range(300)] + ["/static_content/nope.js", "/classify/x"]
+    for p in paths:
+        assert requests.get(server["url"] + p, timeout=10).status_code == 404
+    assert requests.get(server["url"] + "/classify", timeout=10).status_code == 405   # a route, wrong method
+    metrics = requests.get(f"{server['url']}/metrics", timeout=10).text
+    labels = set(re.findall(r'endpoint="([^"]*)"', metrics))
+    assert "unknown" in labels and "/static_content" in labels and "/classify" in labels
+    assert labels <= {"/classify", "/classify_batch", "/metadata", "/", "/docs.json", "/schema.json", "/readyz",
+                      "/livez", "/healthz", "/static_content", "unknown"}, labels
+    assert not any(p.split("/")[1] in metrics for p in paths[:300])
+    assert len(metrics) < 150_000, len(metrics)
+
+
+def test_invalid_input_is_logged_as_one_line(server):
+    png = fmnist_pngs(1)[0][0]
+    r = requests.post(f"{server['url']}/classify", files={"image": ("x.png", png, "image/png")},
+                      data={"top_k": "five"}, timeout=30)
+    assert r.status_code == 400
+    time.sleep(0.5)
+    log = server["log"].read_text()
+    lines = [ln for ln in log.splitlines() if "unable to parse string as an integer" in ln]
+    assert lines and all("[WARNING]" in ln and "refused status=400" in ln and "top_k" in ln for ln in lines), lines
+    assert "Traceback" not in log
+
+
+def test_zz_abandoned_uploads_do_not_hold_up_a_shutdown(tight):
+    """Clients that sent half a body and left (test_a_full_queue...) are answered and forgotten: SIGTERM stops the
+    server at once, instead of after BentoML's 60-s traffic timeout for requests that never got an answer."""
+    t0 = time.monotonic()
+    assert stop_server(tight["proc"]) in (0, -signal.SIGTERM)
+    assert time.monotonic() - t0 < 10
+    assert "status=499" in tight["log"].read_text()
 
 def test_zz_graceful_shutdown(server):
     """SIGTERM stops every process of the server within 20 s (runs last in this module)."""

@@ -17,6 +17,15 @@ Configuration (environment, read at import in every worker):
     DEPLOYKIT_BATCHING   "0" turns adaptive batching off (for the load-test comparison)
     DEPLOYKIT_MAX_BATCH_SIZE / DEPLOYKIT_MAX_LATENCY_MS   adaptive batching bounds (default 64 / 1000)
     DEPLOYKIT_INFER_TIMEOUT_S   a model call unanswered this long is retried (default 10)
+    DEPLOYKIT_MODEL_SERVICE  "1": run the model in its own BentoML service (adaptive batching, one HTTP hop);
+                         default "0": in the front's process (see docs/serving.md)
+    DEPLOYKIT_MAX_ACTIVE / DEPLOYKIT_MAX_QUEUE   classify requests processed at once / waiting, per front worker;
+                         beyond both: 503 + Retry-After (default 32 / 512)
+    DEPLOYKIT_DECODE_BUDGET_PIXELS / DEPLOYKIT_DECODE_WAIT_S   pixels decoded at once per front worker (default: the
+                         per-image limit) and how long an upload waits for room before a 503 (default 10)
+    DEPLOYKIT_BODY_TIMEOUT_S  an admitted request's body must arrive within this long, else 408 (default 30)
+    DEPLOYKIT_MMAP_THRESHOLD  glibc: allocations from this many bytes are returned to the OS when freed (default
+                         4 MiB; 0 leaves glibc's own rule)
     DEPLOYKIT_WORKERS / DEPLOYKIT_MODEL_WORKERS   processes per service (default 1 / 1)
     DEPLOYKIT_MAX_PIXELS / DEPLOYKIT_MAX_BYTES / DEPLOYKIT_MAX_IMAGES   input limits
 
@@ -43,9 +52,15 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from ..artifact import Artifact  # noqa: E402
 from ..tta_policy import merge_views  # noqa: E402
-from . import decode, retry, store, tta  # noqa: E402
+from . import admission, decode, observability, retry, store, tta  # noqa: E402
+from .local_model import LocalModel  # noqa: E402
 
 logger = logging.getLogger("bentoml.deploykit")
+# in every process that imports the service: route-bounded metric labels, one-line logs for invalid input; in
+# `bentoml serve`'s own process: a Prometheus directory of its own (observability.py says why)
+observability.install_worker_hooks()
+observability.isolate_prometheus_dir()
+decode.return_large_buffers_to_os(admission.env_int("DEPLOYKIT_MMAP_THRESHOLD", decode.DEFAULT_MMAP_THRESHOLD))
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -86,6 +101,17 @@ INFER_RETRIES = 2
 # A model call that has not answered in this long is abandoned and retried: normal calls take milliseconds
 # (batches form within max_latency_ms), a stalled keep-alive connection never answers (serving/retry.py).
 INFER_TIMEOUT_S = float(os.environ.get("DEPLOYKIT_INFER_TIMEOUT_S", 10))
+# Where the model runs. In the front's process by default: measured faster on one machine than a second service
+# (no local HTTP hop, no pickling, no client pool; docs/decisions.md). "1" keeps BentoML's two-service layout.
+MODEL_SERVICE = _env_bool("DEPLOYKIT_MODEL_SERVICE", False)
+MAX_ACTIVE = admission.env_int("DEPLOYKIT_MAX_ACTIVE", admission.DEFAULT_MAX_ACTIVE, 1)
+MAX_QUEUE = admission.env_int("DEPLOYKIT_MAX_QUEUE", admission.DEFAULT_MAX_QUEUE, 0)
+# Decoded pixels in flight per front worker. Default: one image at the per-image limit (40 MP: 40-160 MB decoded,
+# up to ~19 bytes/pixel transiently for 16-bit images), while small images pass alongside it.
+DECODE_BUDGET_PIXELS = max(admission.env_int("DEPLOYKIT_DECODE_BUDGET_PIXELS", decode.max_pixels(), 1), 1)
+DECODE_WAIT_S = float(os.environ.get("DEPLOYKIT_DECODE_WAIT_S", 10))
+# A request's whole body must arrive within this long once it is admitted (a slow sender holds a turn meanwhile).
+BODY_TIMEOUT_S = float(os.environ.get("DEPLOYKIT_BODY_TIMEOUT_S", 30))
 
 
 def model_threads() -> int:
@@ -95,7 +121,7 @@ def model_threads() -> int:
         return max(1, int(os.environ["DEPLOYKIT_THREADS"]))
     from ..backends.base import physical_cores
 
-    return max(1, (physical_cores() - WORKERS) // MODEL_WORKERS)
+    return max(1, (physical_cores() - WORKERS) // (MODEL_WORKERS if MODEL_SERVICE else WORKERS))
 
 
 # Declared only when serving from the store, so `bentoml build` packages the model and the container
@@ -124,15 +150,15 @@ if store.artifact_env():
 class ClientError(Exception):
     """A request we refuse: answered as {"error": message} with a 4xx status, logged as one line."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
     def response(self):
         from starlette.responses import JSONResponse
 
         logger.warning("refused status=%d error=%s", self.status, self)
-        return JSONResponse({"error": str(self)}, status_code=self.status)
+        return JSONResponse({"error": str(self)}, status_code=self.status, headers=self.headers)
 
 
 class Prediction(BaseModel):
@@ -216,22 +242,34 @@ class CheckForm:
 
     def __init__(self, app, **_):
         self.app = app
-        # per endpoint, while the body streams in: one image's bytes for /classify, MAX_IMAGES' for the batch
-        # (plus 1 MiB of form overhead); a larger body is refused before it is read whole
-        self.limits = {"/classify": decode.max_bytes() + 1024 * 1024,
-                       "/classify_batch": decode.max_bytes() * MAX_IMAGES + 1024 * 1024}
+        self.limits = self.body_limits()
+
+    @staticmethod
+    def body_limits() -> dict[str, int]:
+        """Per endpoint, checked while the body streams in: one image's bytes for /classify, MAX_IMAGES' for the
+        batch (plus 1 MiB of form overhead); a larger body is refused before it is read whole."""
+        return {"/classify": decode.max_bytes() + 1024 * 1024,
+                "/classify_batch": decode.max_bytes() * MAX_IMAGES + 1024 * 1024}
 
     async def __call__(self, scope, receive, send):
         if not (scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in FIELDS):
             return await self.app(scope, receive, send)
-        from starlette.responses import JSONResponse
-
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        chunks, size, more = [], 0, True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_TIMEOUT_S
+        chunks, size, more, body = [], 0, True, b""
         while more:
-            message = await receive()
+            try:  # a client that never finishes its body would hold its admission slot forever
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                problem = (408, f"the request body was not complete after {BODY_TIMEOUT_S:g} s ({size} bytes "
+                                "received). Fix: send the whole request at once (or raise DEPLOYKIT_BODY_TIMEOUT_S)")
+                break
             if message["type"] == "http.disconnect":
-                return
+                # answered all the same (the server drops it): BentoML's timeout middleware holds every request
+                # that sends nothing for its full traffic timeout, and a server shutdown waits for it
+                problem = (499, f"the client disconnected after {size} bytes of the body")
+                break
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
@@ -240,11 +278,12 @@ class CheckForm:
                                 f"{scope['path']}. Fix: send smaller or fewer images")
                 break
         else:
-            problem = await form_problem(scope["path"], headers.get("content-type", ""), b"".join(chunks))
+            body, chunks = b"".join(chunks), None  # one copy of the body, not two
+            problem = await form_problem(scope["path"], headers.get("content-type", ""), body)
         if problem:
             await ClientError(problem[1], problem[0]).response()(scope, receive, send)
             return
-        body, sent = b"".join(chunks), False
+        sent = False
 
         async def replay():
             nonlocal sent
@@ -256,18 +295,18 @@ class CheckForm:
         await self.app(scope, replay, send)
 
 
-@bentoml.service(name="deploykit-model", workers=MODEL_WORKERS, threads=1, traffic={"timeout": 60})
+# runner_connection: BentoML's client to this service otherwise closes its connection pool every 100 calls (or 300 s)
+# while other calls are still using it; under concurrent load those calls fail ("Connector is closed", "Server
+# disconnected": 356 of 800 requests at 100 clients). The pool is local and long-lived, so it is never recycled.
+@bentoml.service(name="deploykit-model", workers=MODEL_WORKERS, threads=1, traffic={"timeout": 60},
+                 runner_connection={"max_requests": 2**62, "max_age": 1e12})
 class ClassifierModel:
     """The artifact's model on its runtime, behind one adaptive-batching API (logits for NCHW inputs)."""
 
     stored_model = _STORE_MODEL
 
     def __init__(self) -> None:
-        self.artifact = _open_checked(self)
-        self.backend = self.artifact.backend(threads=model_threads())
-        pre = self.artifact.preprocessing
-        self.backend.run(np.zeros((1, *pre.input_size), np.float32))  # first-call allocations before /readyz
-        logger.info("deploykit model ready: artifact=%s backend=%s", self.artifact.path, self.backend.info())
+        self.artifact, self.backend = _load_model(self)
 
     @bentoml.api(batchable=BATCHING, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -276,10 +315,23 @@ class ClassifierModel:
 
     @bentoml.api
     def info(self) -> dict:
-        # the directory's name, not its path: /metadata is unauthenticated and must not map the server's disk
-        return {"artifact": self.artifact.path.name, "backend": self.backend.info(),
-                "runtime": self.artifact.runtime, "batching": BATCHING,
-                "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
+        return _model_info(self.artifact, self.backend, "service")
+
+
+def _load_model(svc: t.Any):
+    """(artifact, backend) for a service that runs the model, warmed up so that /readyz means ready."""
+    artifact = _open_checked(svc)
+    backend = artifact.backend(threads=model_threads())
+    backend.run(np.zeros((1, *artifact.preprocessing.input_size), np.float32))  # first-call allocations
+    logger.info("deploykit model ready: artifact=%s backend=%s", artifact.path, backend.info())
+    return artifact, backend
+
+
+def _model_info(artifact: Artifact, backend: t.Any, placement: str) -> dict:
+    # the directory's name, not its path: /metadata is unauthenticated and must not map the server's disk
+    return {"artifact": artifact.path.name, "backend": backend.info(), "runtime": artifact.runtime,
+            "placement": placement, "batching": BATCHING, "max_batch_size": MAX_BATCH_SIZE,
+            "max_latency_ms": MAX_LATENCY_MS if placement == "service" else None}
 
 
 @bentoml.service(name="deploykit-classifier", workers=WORKERS, traffic={"timeout": 60},
@@ -288,14 +340,22 @@ class Classifier:
     """Image in, top-k labels with probabilities out; TTA views scored in one batched model call."""
 
     stored_model = _STORE_MODEL
-    model = bentoml.depends(ClassifierModel)
+    if MODEL_SERVICE:  # declared only then: BentoML starts a dependency's service whether it is called or not
+        model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
-        self.artifact = _open_checked(self)
+        if MODEL_SERVICE:
+            self.artifact = _open_checked(self)
+            self.local = None
+        else:
+            self.artifact, self.backend = _load_model(self)
+            # without batching each call runs alone (max_rows=1 never merges two calls)
+            self.local = LocalModel(self.backend.run, max_rows=MAX_BATCH_SIZE if BATCHING else 1)
         self.pre = self.artifact.preprocessing
         self.class_names = list(self.pre.class_names)  # empty: labels are the class indices
         self.policy = self.artifact.tta_policy
         self.metrics = _metrics()
+        self.pixels = admission.Budget(DECODE_BUDGET_PIXELS, wait_s=DECODE_WAIT_S, what="decoded pixels")
         logger.info("deploykit classifier ready: views=%s tta_default=%s policy=%s", TTA_VIEWS, TTA_DEFAULT,
                     self.policy.mode if self.policy else None)
 
@@ -319,20 +379,36 @@ class Classifier:
                               "Fix: send tta=all or tta=none, or compress with the tta_policy stage and --data")
         return mode
 
-    def _inputs(self, paths: list[Path], views: tuple[str, ...], field: str) -> np.ndarray:
-        """Decode + preprocess + TTA views for every upload (runs in a worker thread)."""
+    async def _inputs(self, paths: list[Path], views: tuple[str, ...], field: str) -> np.ndarray:
+        """Decode + preprocess + TTA views for every upload, in worker threads. Each image first reserves its
+        pixel count from the decode budget (read from its header), so concurrent large uploads wait (or get a 503)
+        instead of being decoded all at once."""
         rows = []
         for i, p in enumerate(paths):
             name = field if len(paths) == 1 else f"{field}[{i}]"
+            img = await asyncio.to_thread(self._open, p, name)
             try:
-                img = decode.decode_image(Path(p).read_bytes(), name=name)
-                x = self.pre.from_pil(img)
-            except decode.InputError as err:
-                raise ClientError(str(err), err.status) from None
-            except ValueError as err:  # e.g. a channel count the model cannot take
-                raise ClientError(f"{name}: {err}. Fix: send an RGB or grayscale image") from None
-            rows.append(tta.make_views(x, views))
+                rows.append(await self.pixels.run(img.width * img.height, self._preprocess, img, views, name))
+            except admission.Overloaded as err:
+                raise ClientError(f"{err}. Fix: retry after {err.retry_after_s} s, or send smaller images", 503,
+                                  err.headers) from None
         return np.concatenate(rows)
+
+    @staticmethod
+    def _open(path: Path, name: str):
+        try:
+            return decode.open_image(Path(path).read_bytes(), name=name)
+        except decode.InputError as err:
+            raise ClientError(str(err), err.status) from None
+
+    def _preprocess(self, img, views: tuple[str, ...], name: str) -> np.ndarray:
+        try:
+            x = self.pre.from_pil(decode.load_image(img, name=name))
+        except decode.InputError as err:
+            raise ClientError(str(err), err.status) from None
+        except ValueError as err:  # e.g. a channel count the model cannot take
+            raise ClientError(f"{name}: {err}. Fix: send an RGB or grayscale image") from None
+        return tta.make_views(x, views)
 
     async def _classify(self, paths: list[Path], top_k: int, requested: t.Union[bool, str, None], field: str
                         ) -> list[Classification]:
@@ -341,11 +417,11 @@ class Classifier:
         mode = self._mode(requested)
         if mode == "all":  # every view of every image: one call
             views = TTA_VIEWS
-            x = await asyncio.to_thread(self._inputs, paths, views, field)
+            x = await self._inputs(paths, views, field)
             logits = tta.average_logits(np.asarray(await self._infer(x)), len(views))
             used = np.full(len(paths), len(views))
         else:  # the originals in one call; with a selective policy, the uncertain images' extra views in a second
-            x = await asyncio.to_thread(self._inputs, paths, ("original",), field)
+            x = await self._inputs(paths, ("original",), field)
             logits = np.asarray(await self._infer(x))
             used = np.ones(len(paths), dtype=np.int64)
             if mode == "selective":
@@ -365,7 +441,10 @@ class Classifier:
         return out
 
     async def _infer(self, x: np.ndarray) -> np.ndarray:
-        """Call the model service; a dropped or stalled call is retried (see serving/retry.py)."""
+        """Run the model: in this process, or through the model service, where a dropped or stalled call is retried
+        (see serving/retry.py)."""
+        if self.local is not None:
+            return await self.local.infer(x)
         return await retry.call_with_retries(lambda: self.model.to_async.infer(x), timeout_s=INFER_TIMEOUT_S,
                                              retries=INFER_RETRIES, log=logger.warning)
 
@@ -396,7 +475,13 @@ class Classifier:
         return {"class_names": self.class_names, "preprocessing": self.pre.model_dump(mode="json"),
                 "tta_views": list(TTA_VIEWS), "tta_default": TTA_DEFAULT, "max_images": MAX_IMAGES,
                 "tta_policy": self.policy.summary() if self.policy is not None else None,
-                "max_pixels": decode.max_pixels(), "model": await self.model.to_async.info()}
+                "max_pixels": decode.max_pixels(),
+                "model": (_model_info(self.artifact, self.backend, "in-process") if self.local is not None
+                          else await self.model.to_async.info())}
 
 
+# Outermost first: a request waits for its turn (AdmissionControl) before its body is read and checked (CheckForm).
+Classifier.add_asgi_middleware(admission.AdmissionControl, paths=CheckForm.body_limits(), max_active=MAX_ACTIVE,
+                               max_queue=MAX_QUEUE,
+                               on_refuse=lambda m: logger.warning("refused status=503 error=%s", m))
 Classifier.add_asgi_middleware(CheckForm)
