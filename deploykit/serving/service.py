@@ -257,6 +257,10 @@ class CheckForm:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BODY_TIMEOUT_S
+        limit = self.limits[scope["path"]]
+        # a body that says it is too large is read up to the limit and dropped, not kept: the client then reads our
+        # 413 (a connection closed on unread bytes would reset it), and memory holds no part of it
+        keep = not headers.get("content-length", "").isdigit() or int(headers["content-length"]) <= limit
         chunks, size, more, body = [], 0, True, b""
         while more:
             try:  # a client that never finishes its body would hold its admission slot forever
@@ -270,12 +274,14 @@ class CheckForm:
                 # that sends nothing for its full traffic timeout, and a server shutdown waits for it
                 problem = (499, f"the client disconnected after {size} bytes of the body")
                 break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if keep:
+                chunks.append(chunk)
             more = message.get("more_body", False)
-            if size > self.limits[scope["path"]]:
-                problem = (413, f"request body is over the {self.limits[scope['path']]}-byte limit of "
-                                f"{scope['path']}. Fix: send smaller or fewer images")
+            if size > limit:
+                problem = (413, f"request body is over the {limit}-byte limit of {scope['path']}. Fix: send "
+                                "smaller or fewer images")
                 break
         else:
             body, chunks = b"".join(chunks), None  # one copy of the body, not two
