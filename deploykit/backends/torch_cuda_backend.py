@@ -121,7 +121,8 @@ class TorchCudaBackend(Backend):
 
     def __init__(self, model, threads: int | None = None, precision: str = "fp16", device: str = "auto",
                  compile: bool | None = None, cuda_graphs: bool | None = None, channels_last: bool = True,
-                 compile_backend: str = "inductor", dynamic: bool | None = None, **_ignored: Any):
+                 compile_backend: str = "inductor", dynamic: bool | None = None, cudnn_benchmark: bool = True,
+                 **_ignored: Any):
         """Args:
             model: a ``model.torch.pth`` path or an ``nn.Module`` (copied, never changed).
             device: 'auto' (cuda where torch sees a GPU, else cpu), 'cpu', 'cuda' or 'cuda:N'.
@@ -131,6 +132,8 @@ class TorchCudaBackend(Backend):
             dynamic: torch.compile's ``dynamic``: None = a static graph for the first batch size, one dynamic-batch
                 graph from the second on (two compiles); True = dynamic from the start (one compile: sweeps);
                 False = a graph per batch size (fastest kernels for one fixed batch).
+            cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms on the first call of each input
+                shape (process-wide ``torch.backends.cudnn.benchmark``); that first call is a warm-up anyway.
         """
         import torch
 
@@ -165,6 +168,8 @@ class TorchCudaBackend(Backend):
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         if precision == "fp32" and self.on_cuda:
             _ieee_fp32(torch)
+        if self.on_cuda and cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         self.channels_last = channels_last
         module = module.to(device=self.torch_device, dtype=self.dtype)
         if channels_last:
