@@ -1,5 +1,9 @@
 """Calling the model service from the HTTP front: bounded attempts, retried when the connection fails or stalls.
 
+Used only when the model runs in its own service (DEPLOYKIT_MODEL_SERVICE=1). The largest cause of dropped calls,
+BentoML recycling its client's connection pool under calls still in flight, is configured away in service.py
+(runner_connection); retries cover what remains.
+
 Why: BentoML's internal client reuses keep-alive connections that the model worker may already have closed.
 Under concurrent load ~2-5% of calls fail at once with a disconnect (bentoml/BentoML#4971), and with adaptive
 batching about 1 call in 3,000-6,000 never returns at all (measured with bench/serve_load.py, 8 clients, 2 front
