@@ -35,8 +35,8 @@ class PayloadTooLarge(InputError):
 
 # glibc returns an allocation to the OS when it is freed only above its mmap threshold, which grows (up to 32 MiB)
 # as large blocks are freed; Pillow allocates decoded pixels in 16 MiB blocks, so after a few large images they come
-# from the heap, and every decode thread's arena keeps its freed blocks: 12 sequential 36-MP uploads left the front
-# at 2.0 GB RSS. A fixed 4 MiB threshold (which also stops it from growing) brought it back to 237 MB after them.
+# from the heap, and every decode thread's arena keeps its freed blocks: 12 36-MP uploads, decoded one at a time, left
+# the front at 2.0 GB RSS. A fixed 4 MiB threshold (which also stops it from growing) brought it back to 241 MB.
 DEFAULT_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
