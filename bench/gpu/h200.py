@@ -8,10 +8,11 @@ What it measures (all on the GPU, latency from CUDA events after warm-up):
    ``deploykit bench ART --device cuda --backends torch-cuda-eager`` does: FP32 / fp16 / bf16 accuracy on the whole
    test split (10,000 images) and a latency sweep over batch 1..1024 (powers of two).
 2. ``r50``: timm ResNet-50 at 224x224 with random weights: the batch with the best eager fp16 throughput (64..512),
-   then at that batch eager vs torch.compile vs torch.compile + CUDA graphs, fp16 vs bf16, the input already on
-   the GPU; plus the end-to-end call (upload from pinned memory, download) of the fastest one. Goal: 40,000 img/s.
+   then at that batch eager and torch.compile + CUDA graphs, fp16 and bf16, the input already on the GPU; plus the
+   end-to-end call (upload from pinned memory, download) of compile + graphs fp16. Goal: 40,000 img/s.
 3. ``compiled``: the reference models again, fp16 and bf16 through torch.compile + CUDA graphs (the runtime's
    default), same sweep and accuracy; merged with (1) into one bench.json / bench.md / Pareto PNG per model.
+4. ``r50-compile``: ResNet-50 through torch.compile without CUDA graphs (what the graphs add), fp16 and bf16.
 
 Every section is skipped, with the reason recorded, when the time left (``--budget-s``) cannot hold it, and the
 results are written after each section, so a run cut short still leaves what it measured.
@@ -259,27 +260,28 @@ def r50_config(model, mode: str, settings: dict, precision: str, batch: int, siz
     return out
 
 
-def r50_section(run: Run, sizes: dict, device: str) -> None:
+def r50_section(run: Run, sizes: dict, device: str, modes: tuple[str, ...]) -> None:
+    """The batch search (once), then each of ``modes`` x (fp16, bf16) that the time left can hold, at that batch."""
     res = run.result["sections"].setdefault("r50", {})
     need = sizes["need_s"]
-    if not run.fits("r50_search", need["r50_search"]):
-        return
-    found = run.section("r50_search", r50_search, sizes, device)
-    if not found:
-        return
-    res.update(found)
-    model, batch = r50_model(sizes), found["best_batch"]
-    res["configs"] = []
-    order = [(m, p) for m in sizes["r50_modes"] for p in ("fp16", "bf16")]
-    order.sort(key=lambda mp: ["eager", "compile+graphs", "compile"].index(mp[0]))  # cheap first, then the goal
-    for mode, precision in order:
-        key = f"r50 {mode}/{precision}"
-        if not run.fits(key, need["r50_eager"] if mode == "eager" else need["r50_compile"]):
-            continue
-        got = run.section(key, r50_config, model, mode, sizes["r50_modes"][mode], precision, batch, sizes, device,
-                          end_to_end=(mode == "compile+graphs" and precision == "fp16"))
-        if got:
-            res["configs"].append(got)
+    if "best_batch" not in res:
+        if not run.fits("r50_search", need["r50_search"]):
+            return
+        found = run.section("r50_search", r50_search, sizes, device)
+        if not found:
+            return
+        res.update(found)
+        res["configs"] = []
+    model, batch = r50_model(sizes), res["best_batch"]
+    for mode in [m for m in modes if m in sizes["r50_modes"]]:
+        for precision in ("fp16", "bf16"):
+            key = f"r50 {mode}/{precision}"
+            if not run.fits(key, need["r50_eager"] if mode == "eager" else need["r50_compile"]):
+                continue
+            got = run.section(key, r50_config, model, mode, sizes["r50_modes"][mode], precision, batch, sizes,
+                              device, end_to_end=(mode == "compile+graphs" and precision == "fp16"))
+            if got:
+                res["configs"].append(got)
     if res["configs"]:
         best = max(res["configs"], key=lambda c: c["throughput_ips"])
         res["best"] = {k: best[k] for k in ("mode", "precision", "batch", "throughput_ips", "p50")}
@@ -382,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--dry", action="store_true", help="tiny sizes (with --device cpu: the logic check run here)")
     ap.add_argument("--budget-s", type=float, default=None, help="seconds for the whole run (default 420; dry 120)")
-    ap.add_argument("--sections", default="refs,r50,compiled", help="which sections, in this order")
+    ap.add_argument("--sections", default="refs,r50,compiled,r50-compile", help="which sections, in this order "
+                    "(the order is the priority: what the time left cannot hold is skipped)")
     ap.add_argument("--refs", default=",".join(REFERENCES), help="which reference models (refs, compiled)")
     ap.add_argument("--work", default=None, help="where artifacts are built (default OUT/../h200-work or a tmp dir)")
     args = ap.parse_args(argv)
@@ -438,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     write_bench(merge_bench(res, None), run.out / name)
                 run.write()
-        elif section == "r50":
-            r50_section(run, sizes, args.device)
+        elif section in ("r50", "r50-compile"):  # r50: eager and compile + CUDA graphs; r50-compile: compile only
+            r50_section(run, sizes, args.device, ("eager", "compile+graphs") if section == "r50" else ("compile",))
             r50_plot(run.result["sections"].get("r50", {}), run.out / "r50_throughput.png",
                      f"{sizes['r50_arch']} at {sizes['r50_size']}: {run.result['gpu_line']}")
         elif section == "compiled":
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                     write_bench(merged, run.out / name)
                 run.write()
         else:
-            ap.error(f"unknown section {section!r}: choose from refs, r50, compiled")
+            ap.error(f"unknown section {section!r}: choose from refs, r50, compiled, r50-compile")
     run.write()
     print((run.out / "h200.md").read_text())
     return 1 if run.result["errors"] else 0
