@@ -160,9 +160,9 @@ def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str
     met = "met" if lat.get("met") else "not met"
     lines += ["", f"## Pruned to a latency target ({lat['target']} on {lat['runtime']}, batch {lat['batch_size']}: "
                   f"{met})", "",
-              f"Unpruned {lat['unpruned_ms']:.3f} ms. Each trial pruned the blocks by the sweep's allocation and was "
-              "timed beside the unpruned model; predicted = the sweep's additive estimate, measured = pruned / "
-              "unpruned median in that run.", "",
+              f"Unpruned {lat['unpruned_ms']:.3f} ms ({lat.get('clock', 'wall')} time per call). Each trial pruned "
+              "the blocks by the sweep's allocation and was timed beside the unpruned model; predicted = the sweep's "
+              "additive estimate, measured = pruned / unpruned median in that run.", "",
               "| trial | predicted | measured | unpruned ms | pruned ms |", "|---|---|---|---|---|"]
     for i, t in enumerate(lat.get("trials", []), 1):
         lines.append(f"| {i} | {t['predicted_ratio']:.3f}x | {t['measured_ratio']:.3f}x | {t['unpruned_ms']:.3f} | "
