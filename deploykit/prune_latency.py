@@ -246,18 +246,24 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
     # 2-3. allocate by the prediction, measure, then correct the *predicted* ratio asked for by a secant through
     # what was measured (predicted 1.0 is the unpruned model, measured 1.0): the prediction is only a first guess
     trials, best, points, goal = [], None, [(1.0, 1.0)], max(target_ratio, plan.p_min)
-    for _ in range(max_trials):
-        alloc = plan.for_goal(goal)
+
+    def trial_at(alloc: dict[str, float]) -> tuple:
         trial = copy.deepcopy(model)
         prune_fn(trial, {dict(trial.named_modules())[n]: r for n, r in alloc.items() if r > 0})
         got = probe.time({"unpruned": base_fn, "pruned": probe.build(trial)})
         measured = got["pruned"] / got["unpruned"]
         rec = {"predicted_ratio": round(plan.predicted(alloc), 4), "measured_ratio": round(measured, 4),
                "unpruned_ms": round(got["unpruned"], 4), "pruned_ms": round(got["pruned"], 4),
-               "ratios": {n: round(r, 3) for n, r in alloc.items() if r > 0}}
+               "ratios": {n: round(r, 3) for n, r in alloc.items() if round(r, 3) > 0},
+               "at_max_ratio": all(r >= max_ratio - 1e-9 for r in alloc.values())}
         trials.append(rec)
         log(f"latency trial {len(trials)}: predicted {rec['predicted_ratio']:.2f}x, measured {measured:.2f}x "
             f"(target {target_ratio:.2f}x)")
+        return trial, rec, alloc
+
+    for _ in range(max_trials):
+        trial, rec, alloc = trial_at(plan.for_goal(goal))
+        measured = rec["measured_ratio"]
         if best is None or abs(measured - target_ratio) < abs(best[1]["measured_ratio"] - target_ratio):
             best = (trial, rec, alloc)
         if abs(measured - target_ratio) <= tolerance * target_ratio:
@@ -271,6 +277,23 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
             break
         goal = min(max(nxt, plan.p_min), 0.99)
     pruned, rec, alloc = best
+    if rec["measured_ratio"] > target_ratio * (1 + 2 * tolerance):
+        # still well above the target: is it within reach at all? Every block at max_ratio tells (measured once)
+        full = [t for t in trials if t["at_max_ratio"]]
+        if not full:
+            last = trial_at({n: max_ratio for n in names})
+            full = [last[1]]
+            if abs(last[1]["measured_ratio"] - target_ratio) < abs(rec["measured_ratio"] - target_ratio):
+                pruned, rec, alloc = best = last
+        if min(t["measured_ratio"] for t in full) > target_ratio * (1 + 2 * tolerance):
+            # pruning further cannot get there (per-call overhead, or blocks that buy nothing): stop before hours of
+            # fine-tuning a model that is slower than asked and much less accurate
+            reach = min(t["measured_ratio"] for t in full)
+            raise RecipeError(
+                f"latency target {target} is out of reach on {probe.describe()}: every block pruned as far as "
+                f"allowed (max_ratio {max_ratio}) measured {reach:.2f}x of the unpruned {base:.3f} ms",
+                fix=f"ask for {min(0.95, reach * 1.1):.2f}x or more, measure at a larger batch "
+                    "(prune.latency_batch_size), or use prune.macs_reduction")
     met = rec["measured_ratio"] <= target_ratio * (1 + tolerance)
     return pruned, {"target": str(target), "target_ratio": round(target_ratio, 4), "runtime": probe.runtime,
                    "batch_size": probe.batch_size, "clock": probe.clock, "unpruned_ms": round(base, 4),
