@@ -33,8 +33,10 @@ from ..errors import DeployKitError
 OK, REGRESSION, NOISY = 0, 1, 2
 VERDICTS = {OK: "no regression", REGRESSION: "REGRESSION", NOISY: "too noisy to decide"}
 MIN_ROUNDS = 10
-# Between-run spread of one gate run's log median ratio (see widen_for_runs); set from bench/gate_proof.py.
-RUN_SD = 0.0
+# Between-run spread of one gate run's log median ratio (see widen_for_runs): 0.46% measured by bench/gate_proof.py
+# over 40 one-second runs of the reference INT8 model at batch 1, one core kept busy by an outside process (Intel
+# Xeon, bench/results/gate_proof_bs1_busy.json), rounded up.
+RUN_SD = 0.005
 
 
 class GateError(DeployKitError):
@@ -214,7 +216,7 @@ def decide_estimate(est: Estimate, max_slowdown: float, key: str = "") -> Decisi
 
 
 def decide(candidate: Sequence[float], baseline: Sequence[float], max_slowdown: float, *, resamples: int = 2000,
-           confidence: float = 0.95, seed: int = 0, key: str = "") -> Decision:
+           confidence: float = 0.95, seed: int = 0, key: str = "", run_sd: float = RUN_SD) -> Decision:
     """Compare per-round candidate/reference ratios against the baseline's; see the module docstring.
 
     Args:
@@ -223,7 +225,7 @@ def decide(candidate: Sequence[float], baseline: Sequence[float], max_slowdown: 
     Returns:
         A Decision whose ``exit_code`` is 0 (no regression), 1 (regression) or 2 (too noisy).
     """
-    est = estimate(candidate, baseline, resamples=resamples, confidence=confidence, seed=seed)
+    est = estimate(candidate, baseline, resamples=resamples, confidence=confidence, seed=seed, run_sd=run_sd)
     return decide_estimate(est, max_slowdown, key)
 
 
