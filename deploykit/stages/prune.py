@@ -222,6 +222,11 @@ class Prune(Stage):
             "openvino-int8", description="the runtime variant the latency target is measured on")
         latency_batch_size: int = Field(32, ge=1, description="the batch size the latency target is measured at")
         max_ratio: float = Field(0.8, gt=0, lt=1, description="latency target: most channels removed from one block")
+        # 8, measured (bench/results/channel_rounding*.md, Intel Xeon AVX-512 VNNI/AMX, one 64->C->C->64 conv block,
+        # C = 96..128 in steps of 4, batch 32): OpenVINO INT8 showed no step between multiples of 4, 8, 16 and 64
+        # (16x16: 1.66-1.78 ms; 32x32: 7.2-7.8 ms, flat in C), ONNX Runtime INT8 none either (its times rose with C
+        # but out of order: 104 channels 1.77 ms, 112 2.99, 128 2.20 at 16x16). Wider multiples buy nothing there, so
+        # 8 stays (an AVX2 register's int32 lanes); AVX2-only CPUs were not measured.
         round_to: int = Field(8, ge=1, description="pruned channel counts are multiples of this")
         back_off: int = Field(1, ge=0, description="times the whole chain re-runs with half the pruning when the "
                                                    "final model misses the accuracy budget against the original")
