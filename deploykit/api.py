@@ -72,7 +72,6 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     from .preprocessing import resolve_preprocessing
     from .sanity import ema_vs_model
     from .measure import stopwatch
-    from .stop import check_stop
     from .stages import STAGES, PipelineState
 
     console = _console(console)
