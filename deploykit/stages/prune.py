@@ -14,9 +14,10 @@ Attention types whose head count or split sizes Torch-Pruning cannot resize (Swi
 MobileViT's LinearSelfAttention, LeViT's and EfficientViT's attention, qk-normed or gated timm attention) are
 refused up front (``check_prunable``, run by ``preflight`` before any stage), with one line naming the layer.
 
-The target is either a channel ratio (``ratio: 0.3`` = remove 30% of prunable channels per layer) or
-a MACs reduction (``macs_reduction: 0.5`` = remove half the multiply-accumulates): the latter is met
-by bisection on the ratio, each trial pruning a fresh copy.
+The target is a channel ratio (``ratio: 0.3`` = remove 30% of prunable channels per layer), a MACs reduction
+(``macs_reduction: 0.5`` = remove half the multiply-accumulates, met by bisection on the ratio, each trial pruning a
+fresh copy), or a latency measured on the runtime that will ship (``target_latency: 0.5x``, per-block ratios from a
+timed sweep: ``deploykit.prune_latency``).
 
 Example:
     >>> pruned, info = prune_model(model, (3, 64, 64), macs_reduction=0.5)
