@@ -211,9 +211,10 @@ def main(argv=None) -> int:
     for name in names:
         rows += run_model(name, args)
     previous = args.out / "beat_the_peer.json"
-    if previous.exists():  # rows of models this run did not measure stay, with their own date
+    if previous.exists():  # rows (model, balance) this run did not measure stay, with their own date
         old = json.loads(previous.read_text())
-        rows += [{**r, "measured": old["created"]} for r in old["rows"] if r["model"] not in names]
+        done = {(r["model"], r["balance"]) for r in rows}
+        rows += [{"measured": old["created"], **r} for r in old["rows"] if (r["model"], r["balance"]) not in done]
     write_results(args.out, "beat_the_peer", stamped("bench/beat_the_peer.py", rows=rows), markdown)
     return 0
 
