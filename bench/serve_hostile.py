@@ -29,7 +29,6 @@ import random
 import struct
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 
 from reference_artifact import add_artifact_args, build_artifact
 from results_io import stamped, write_results
-from serve_load import Server, env_pairs, tree_rss_mb
+from serve_load import Server, env_pairs, sampling, tree_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 TTA_ALL = ("original", "hflip", "scale:0.9", "scale:1.1")  # the service's default DEPLOYKIT_TTA
@@ -334,18 +333,8 @@ def run_placement(artifact: Path, placement: str, args, payloads: dict, ref: Ref
             requests.post(f"{srv.url}/classify", files={"image": ("x.png", data, "image/png")}, timeout=30)
         meta = requests.post(f"{srv.url}/metadata", timeout=10).json()
         rss_before = tree_rss_mb(srv.proc.pid)
-        samples, stop = [], threading.Event()
-
-        def monitor():
-            while not stop.wait(0.5):
-                samples.append(tree_rss_mb(srv.proc.pid))
-        mon = threading.Thread(target=monitor, daemon=True)
-        mon.start()
-        try:
+        with sampling(lambda: tree_rss_mb(srv.proc.pid), 0.5) as samples:
             res = asyncio.run(run_load(srv.url, args, payloads, ref))
-        finally:
-            stop.set()
-            mon.join(5)
         time.sleep(2.0)
         res["rss_mb"] = {"before": rss_before, "peak": max(samples, default=None), "after": tree_rss_mb(srv.proc.pid),
                          "samples_every_0_5s": samples}

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import io
 import os
@@ -106,6 +107,24 @@ def tree_rss_mb(pid: int) -> float:
     if not procs:
         return float("nan")
     return round(sum(rss for _, rss in read_each(procs, lambda p: p.memory_info().rss)) / 2**20, 1)
+
+
+@contextlib.contextmanager
+def sampling(fn, every_s: float):
+    """Call ``fn()`` every ``every_s`` seconds on a background thread while the block runs; yields the list its
+    results are appended to (e.g. the server's RSS over a load test)."""
+    samples, stop = [], threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            samples.append(fn())
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        th.join(5)
 
 
 def env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -262,18 +281,10 @@ def run_mode(artifact: Path, mode: str, args, pngs: list[bytes], logdir: Path) -
             requests.post(f"{srv.url}/classify", files={"image": ("x.png", data, "image/png")}, timeout=30)
         tta_cost = tta_request_cost(srv.url, pngs, args.tta_rounds) if args.tta_rounds and mode == "on" else None
         rss_before = tree_rss_mb(srv.proc.pid)
-        samples, stop = [], threading.Event()
-
-        def monitor():
-            while not stop.wait(1.0):
-                samples.append(tree_rss_mb(srv.proc.pid))
-        mon = threading.Thread(target=monitor, daemon=True)
-        mon.start()
-        cpu0 = tree_cpu_seconds(srv.proc.pid)
-        res = run_clients(srv.url, pngs, args.clients, args.seconds, args.tta)
-        cpu1 = tree_cpu_seconds(srv.proc.pid)
-        stop.set()
-        mon.join(5)
+        with sampling(lambda: tree_rss_mb(srv.proc.pid), 1.0) as samples:
+            cpu0 = tree_cpu_seconds(srv.proc.pid)
+            res = run_clients(srv.url, pngs, args.clients, args.seconds, args.tta)
+            cpu1 = tree_cpu_seconds(srv.proc.pid)
         # where the CPU goes: ms of CPU per served request, per role (the load generator is not counted)
         res["cpu_ms_per_request"] = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / max(res["requests_ok"], 1), 2)
                                      for k in cpu1}

@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def growth_report(snap_dir: Path, after_s: float, top: int) -> str:
 
 
 def main(argv=None) -> None:
-    from serve_load import Server, env_pairs, run_clients, test_pngs
+    from serve_load import Server, env_pairs, run_clients, sampling, test_pngs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
@@ -84,18 +83,10 @@ def main(argv=None) -> None:
         target = "bench.memtrace_service:Classifier"
     with Server(args.artifact.resolve(), env, logdir / "server.log", target=target) as srv:
         srv.wait_ready()
-        samples, stop = [], threading.Event()
-
-        def monitor():
-            t0 = time.time()
-            while not stop.wait(10.0):
-                samples.append((round(time.time() - t0), sample_tree(srv.proc.pid)))
-        th = threading.Thread(target=monitor, daemon=True)
-        th.start()
-        res = run_clients(srv.url, test_pngs(), args.clients, args.seconds, "true")
-        time.sleep(args.idle)  # does RSS still grow with no requests? (time-driven, not request-driven)
-        stop.set()
-        th.join(5)
+        t0 = time.time()
+        with sampling(lambda: (round(time.time() - t0), sample_tree(srv.proc.pid)), 10.0) as samples:
+            res = run_clients(srv.url, test_pngs(), args.clients, args.seconds, "true")
+            time.sleep(args.idle)  # does RSS still grow with no requests? (time-driven, not request-driven)
     print(f"requests ok {res['requests_ok']}, errors {res['errors']}, {res['throughput_rps']} req/s; server log {logdir}")
     for k in samples[-1][1]:
         print(k, [s[1].get(k) for s in samples])
