@@ -5,9 +5,9 @@ MACs are a poor proxy for CPU latency (Torch-Pruning's own ResNet-50 table: MACs
 prune stage can aim at a latency instead:
 
 1. **Sweep.** Each *unit* (a stage or block: ``blocks.3``, ``layer2.0``; ``prunable_units``) is pruned alone at
-   ``probe_ratio`` on a copy; every copy and the unpruned model are exported, quantized as the target runtime
-   runs them (``LatencyProbe``) and timed **side by side in one run** with ``deploykit.measure`` (the machine's
-   speed drifts 1.5x in half an hour, so only ratios measured together mean anything). A unit's *saving* is the
+   ``probe_ratio`` on a copy; each copy is exported, quantized as the target runtime runs it (``LatencyProbe``) and
+   timed **in a pair with the unpruned model** with ``deploykit.measure`` (the machine's speed drifts 1.5x in half
+   an hour, so only ratios measured together mean anything). A unit's *saving* is the
    fraction of the unpruned latency it removed; its *cost* is the fraction of the model's L2 weight mass
    (the magnitude criterion the pruner itself ranks channels by) that went with it.
 2. **Allocate.** Each unit's ratio is proportional to its saving per unit of cost (capped at ``max_ratio``);
@@ -15,8 +15,9 @@ prune stage can aim at a latency instead:
    (a block pruned on both sides keeps ``(1 - r)^2`` of its multiply-adds); the scale is bisected until the
    prediction meets the target.
 3. **Verify.** The allocation is pruned and measured beside the unpruned model; when the measurement misses
-   the target by more than ``tolerance`` the scale is corrected (secant on measured ratios) and measured again.
-   Every trial's predicted and measured ratio lands in the report.
+   the target by more than ``tolerance`` the predicted ratio asked for is corrected (secant on measured ratios) and
+   measured again. A target that every unit at ``max_ratio`` still misses is refused. Every trial's predicted and
+   measured ratio lands in the report.
 
 Example:
     >>> t = LatencyTarget.parse("0.5x")
@@ -225,12 +226,18 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
     if not 0 < target.ratio(first) < 1:
         raise RecipeError(f"latency target {target} is {target.ratio(first):.2f}x of the unpruned {first:.2f} ms on "
                           f"{probe.describe()}: nothing to prune", fix="set a target below the unpruned latency")
+
+    def timed(ratios: dict[str, float]) -> tuple:
+        """A copy of ``model`` pruned by {unit name: ratio}, and its median beside the unpruned model's."""
+        trial = copy.deepcopy(model)
+        modules = dict(trial.named_modules())
+        prune_fn(trial, {modules[n]: r for n, r in ratios.items() if r > 0})
+        return trial, probe.time({"unpruned": base_fn, "pruned": probe.build(trial)})
+
     cost, saving, sweep = {}, {}, []
     for name in names:
-        trial = copy.deepcopy(model)
-        prune_fn(trial, {dict(trial.named_modules())[name]: probe_ratio})
+        trial, ms = timed({name: probe_ratio})
         cost[name] = max(1e-6, 1.0 - weight_mass(trial) / mass0)
-        ms = probe.time({"unpruned": base_fn, "pruned": probe.build(trial)})
         saving[name] = 1.0 - ms["pruned"] / ms["unpruned"]
         sweep.append({"unit": name, "saving": round(saving[name], 4), "cost": round(cost[name], 4),
                       "unpruned_ms": round(ms["unpruned"], 4), "pruned_ms": round(ms["pruned"], 4)})
@@ -248,9 +255,7 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
     trials, best, points, goal = [], None, [(1.0, 1.0)], max(target_ratio, plan.p_min)
 
     def trial_at(alloc: dict[str, float]) -> tuple:
-        trial = copy.deepcopy(model)
-        prune_fn(trial, {dict(trial.named_modules())[n]: r for n, r in alloc.items() if r > 0})
-        got = probe.time({"unpruned": base_fn, "pruned": probe.build(trial)})
+        trial, got = timed(alloc)
         measured = got["pruned"] / got["unpruned"]
         rec = {"predicted_ratio": round(plan.predicted(alloc), 4), "measured_ratio": round(measured, 4),
                "unpruned_ms": round(got["unpruned"], 4), "pruned_ms": round(got["pruned"], 4),
@@ -259,13 +264,13 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
         trials.append(rec)
         log(f"latency trial {len(trials)}: predicted {rec['predicted_ratio']:.2f}x, measured {measured:.2f}x "
             f"(target {target_ratio:.2f}x)")
-        return trial, rec, alloc
+        return trial, rec
 
     for _ in range(max_trials):
-        trial, rec, alloc = trial_at(plan.for_goal(goal))
+        trial, rec = trial_at(plan.for_goal(goal))
         measured = rec["measured_ratio"]
         if best is None or abs(measured - target_ratio) < abs(best[1]["measured_ratio"] - target_ratio):
-            best = (trial, rec, alloc)
+            best = (trial, rec)
         if abs(measured - target_ratio) <= tolerance * target_ratio:
             break
         points.append((goal, measured))
@@ -273,10 +278,11 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
         nxt = g1 + (target_ratio - m1) * (g1 - g0) / (m1 - m0) if m1 != m0 else goal
         if (measured > target_ratio) != (nxt < goal):  # noise made the secant point the wrong way: bisect instead
             nxt = (goal + plan.p_min) / 2 if measured > target_ratio else (goal + 1.0) / 2
-        if min(max(nxt, plan.p_min), 0.99) == goal:  # pinned at the most pruning allowed (or the least): stop
+        nxt = min(max(nxt, plan.p_min), 0.99)
+        if nxt == goal:  # pinned at the most pruning allowed (or the least): stop
             break
-        goal = min(max(nxt, plan.p_min), 0.99)
-    pruned, rec, alloc = best
+        goal = nxt
+    pruned, rec = best
     if rec["measured_ratio"] > target_ratio * (1 + 2 * tolerance):
         # still well above the target: is it within reach at all? Every block at max_ratio tells (measured once)
         full = [t for t in trials if t["at_max_ratio"]]
@@ -284,11 +290,11 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
             last = trial_at({n: max_ratio for n in names})
             full = [last[1]]
             if abs(last[1]["measured_ratio"] - target_ratio) < abs(rec["measured_ratio"] - target_ratio):
-                pruned, rec, alloc = best = last
-        if min(t["measured_ratio"] for t in full) > target_ratio * (1 + 2 * tolerance):
+                pruned, rec = last
+        reach = min(t["measured_ratio"] for t in full)
+        if reach > target_ratio * (1 + 2 * tolerance):
             # pruning further cannot get there (per-call overhead, or blocks that buy nothing): stop before hours of
             # fine-tuning a model that is slower than asked and much less accurate
-            reach = min(t["measured_ratio"] for t in full)
             raise RecipeError(
                 f"latency target {target} is out of reach on {probe.describe()}: every block pruned as far as "
                 f"allowed (max_ratio {max_ratio}) measured {reach:.2f}x of the unpruned {base:.3f} ms",
