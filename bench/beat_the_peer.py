@@ -57,17 +57,9 @@ def parse_args(argv=None):
 
 def build_peer(ckpt: Path, pre, calibration: np.ndarray, work: Path) -> Path:
     """The original model as deploykit's FP32 export, quantized by NNCF with its defaults (OpenVINO IR)."""
-    from peers import nncf_default
+    from peers import nncf_default, original_fp32_onnx
 
-    from deploykit.checkpoint import load_checkpoint
-    from deploykit.stages.export_onnx import export_onnx
-    from deploykit.stages.fuse_bn import fuse_conv_bn
-    from deploykit.stages.static_pad import make_padding_static
-
-    original = load_checkpoint(ckpt).model.eval()
-    make_padding_static(original, pre.input_size)
-    original, _ = fuse_conv_bn(original)
-    fp32 = export_onnx(original.eval(), work / "original.fp32.onnx", pre.input_size)
+    fp32 = original_fp32_onnx(ckpt, pre.input_size, work / "original.fp32.onnx")
     return nncf_default(fp32, work / "peer.nncf.xml", calibration)
 
 

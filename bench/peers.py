@@ -78,6 +78,20 @@ def ort_default(fp32: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
+def original_fp32_onnx(checkpoint, input_size, out: Path) -> Path:
+    """The original model as deploykit's own FP32 export makes it (static pads, BatchNorm folded), not a plain
+    torch.onnx.export with the dynamic 'same' padding of tf_ models: the fair (strongest) FP32 baseline."""
+    from deploykit.checkpoint import load_checkpoint
+    from deploykit.stages.export_onnx import export_onnx
+    from deploykit.stages.fuse_bn import fuse_conv_bn
+    from deploykit.stages.static_pad import make_padding_static
+
+    original = load_checkpoint(checkpoint).model.eval()
+    make_padding_static(original, input_size)
+    original, _ = fuse_conv_bn(original)
+    return export_onnx(original.eval(), out, input_size)
+
+
 def nncf_default(fp32: Path, out: Path, calib: np.ndarray) -> Path:
     """OpenVINO + NNCF PTQ with nncf.quantize defaults, saved as OpenVINO IR."""
     import nncf

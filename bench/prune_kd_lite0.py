@@ -61,17 +61,11 @@ def one_run(args, balance: str, rank_always: bool) -> dict:
     forg = forgetting_report(data.eval.labels, lo, lc, pre.class_names)
     # the speed bar: the ORIGINAL (unpruned) model as FP32 ONNX vs the final artifact, batch 32,
     # on the same input, in alternating blocks so machine noise hits all alike
-    from deploykit.stages.export_onnx import export_onnx
-    from deploykit.stages.fuse_bn import fuse_conv_bn
-    from deploykit.stages.static_pad import make_padding_static
+    from peers import original_fp32_onnx
+
     from deploykit.measure import time_variants
 
-    # The baseline is the original as deploykit's own FP32 export makes it (static pads, BN folded), not a plain
-    # torch.onnx.export with the dynamic 'same' padding of tf_ models: the fair (strongest) FP32 baseline.
-    original = load_checkpoint(args.checkpoint).model.eval()
-    make_padding_static(original, pre.input_size)
-    original, _ = fuse_conv_bn(original)
-    orig_onnx = export_onnx(original.eval(), out.parent / "lite0_original.fp32.onnx", pre.input_size)
+    orig_onnx = original_fp32_onnx(args.checkpoint, pre.input_size, out.parent / "lite0_original.fp32.onnx")
     ref_b, new_b = create_backend("onnxruntime", orig_onnx), art.backend()
     ref_ov = create_backend("openvino", orig_onnx)  # the same-runtime comparison, when the artifact runs OpenVINO
     x32 = data.eval.load(pre, np.arange(32))
