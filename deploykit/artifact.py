@@ -160,7 +160,8 @@ def _lock_output(out: Path):
     return f
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -174,7 +175,7 @@ def _remove_stale_tempdirs(out: Path) -> None:
     """Delete temp dirs left by runs that were killed (SIGKILL, power loss): their pid is gone."""
     for d in out.parent.glob(f".{out.name}.tmp-*-*"):
         pid = d.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 

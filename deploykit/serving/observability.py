@@ -159,23 +159,15 @@ def isolate_prometheus_dir(bentoml_home: str | os.PathLike | None = None) -> Pat
         return None
     from bentoml._internal.configuration.containers import BentoMLContainer
 
+    from ..artifact import pid_alive
+
     home = Path(bentoml_home or BentoMLContainer.bentoml_home.get())
     base = home / "deploykit_prometheus"
     mine = base / str(os.getpid())
     if base.is_dir():
         for d in base.iterdir():
-            if d.name.isdigit() and d != mine and not _pid_alive(int(d.name)):
+            if d.name.isdigit() and d != mine and not pid_alive(int(d.name)):
                 shutil.rmtree(d, ignore_errors=True)
     BentoMLContainer.prometheus_multiproc_dir.set(str(mine))  # bentoml.serving.ensure_prometheus_dir creates it
     atexit.register(shutil.rmtree, mine, True)
     return mine
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
