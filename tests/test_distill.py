@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from deploykit.preprocessing import Preprocessing
-from deploykit.training import (DistillConfig, effective_number_weights, epoch_order, fit_distill, kd_loss,
-                                stratified_split)
+from deploykit.training import (DistillConfig, data_prior_weights, effective_number_weights, epoch_order, fit_distill,
+                                kd_loss, stratified_split)
 
 PRE = Preprocessing(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,))
 
@@ -57,6 +57,19 @@ def test_split_is_stratified_and_balanced_sampler_evens_classes():
     drawn = np.bincount(labels[epoch_order(labels, epoch=0, seed=0, balanced=True)], minlength=3)
     assert all(abs(d / 1000 - 1 / 3) < 0.06 for d in drawn)          # ~1/3 each, not 90/9/1 %
     assert np.array_equal(epoch_order(labels, 3, 0, False), epoch_order(labels, 3, 0, False))  # same on every rank
+
+
+def test_balanced_transfer_label_loss_has_the_data_priors_expectation():
+    """transfer: balanced draws every class equally; the label loss, weighted by data_prior_weights, must still
+    average to the loss on the data's own class mix (exact: a ratio of two sums over classes)."""
+    counts = np.array([900, 90, 10, 0])                      # a class absent from the train split gets weight 0
+    per_class_loss = np.array([0.2, 1.3, 2.9, 7.0])
+    w = data_prior_weights(counts)
+    present = counts > 0
+    balanced = np.where(present, 1.0 / present.sum(), 0.0)   # p_balanced(c)
+    weighted_mean = np.sum(balanced * w * per_class_loss) / np.sum(balanced * w)
+    assert weighted_mean == pytest.approx(np.sum(counts * per_class_loss) / counts.sum(), rel=1e-6)
+    np.testing.assert_allclose(w, [2.7, 0.27, 0.03, 0.0], rtol=1e-6)
 
 
 class TinyNet(torch.nn.Module):

@@ -43,7 +43,7 @@ class Distill(Stage):
         facts = {"best_epoch": res.best_epoch, "val_top1": res.best["top1"], "val_macro_f1": res.best["macro_f1"],
                  "history": res.history, "train_images": res.train_images, "val_images": int(len(res.val_indices)),
                  "stopped_early": res.stopped_early, "resumed_from_epoch": res.resumed_from,
-                 "world_size": res.world_size, "balance": self.config.balance,
+                 "world_size": res.world_size, "balance": self.config.balance, "transfer": self.config.transfer,
                  "teacher": self.config.teacher, "teachers": [str(p) for p in self.config.teachers]}
         if teacher is not state.teacher:  # what the student learned from, on the same held-out train images
             kind = " + ".join(k for k, on in (("ensemble", members), ("TTA", self.config.teacher == "tta")) if on)
