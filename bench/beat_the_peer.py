@@ -33,7 +33,7 @@ from results_io import stamped, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (checkpoint, dataset, latency target, KD epochs, KD train images (0 = all))
     "lite0": ("models/efficientnet_lite0_fmnist_lt64.pth", "fashion-mnist-lt", "0.5x", 8, 0),
-    "resnet10t": ("models/resnet10t_fmnist.pth", "fashion-mnist", "0.6x", 2, 20000),
+    "resnet10t": ("models/resnet10t_fmnist64.pth", "fashion-mnist", "0.5x", 3, 0),
 }
 
 
@@ -141,7 +141,7 @@ def run_model(name: str, args) -> list[dict]:
         rows.append({
             "model": name, "balance": balance, "checkpoint": ckpt_s, "data": data_name,
             "eval_images": int(len(data.eval)), "target_latency": target, "kd_epochs": epochs,
-            "kd_train_images": facts["distill"].get("train_images"),
+            "kd_train_images": facts["distill"].get("train_images"), "kd_transfer": facts["distill"].get("transfer"),
             "top1": {k: round(v["top1"], 2) for k, v in acc.items()},
             "macro_f1": {k: round(v["macro_f1"], 2) for k, v in acc.items()},
             "top1_drop": round(acc["original"]["top1"] - acc["ours"]["top1"], 2),
@@ -164,7 +164,7 @@ def run_model(name: str, args) -> list[dict]:
 def markdown(res: dict) -> str:
     lines = [f"# deploykit vs OpenVINO + NNCF INT8 of the original ({res['created'][:10]})", "",
              f"Measured on {res['machine']}.", "", "```", res["command"], "```", "",
-             "| model | KD balance | shipped | top-1 orig / peer / ours | macro-F1 orig / peer / ours | top-1 drop | "
+             "| model | label balance | shipped | top-1 orig / peer / ours | macro-F1 orig / peer / ours | top-1 drop | "
              "macro-F1 drop | speedup vs peer bs1 | bs32 | bs32 on OpenVINO INT8: predicted / measured |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
@@ -172,13 +172,16 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['model']} | {r['balance']} | failed: {r['failed']} | | | | | | | |")
             continue
         t, f = r["top1"], r["macro_f1"]
-        lines.append(f"| {r['model']} | {r['balance']} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
+        kd = r["balance"] + (", KD balanced" if r.get("kd_transfer") == "balanced" and r["balance"] != "sampler" else "")
+        lines.append(f"| {r['model']} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
                      f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
                      f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x** | "
                      f"**{r['speedup_vs_peer_bs32']:.2f}x** | {r['predicted_speedup_bs32'] or '-'}x / "
                      f"{r.get('measured_speedup_bs32_openvino_int8', '-')}x |")
     lines += ["", "Speedup = the peer's p50 / deploykit's p50, timed side by side in alternating blocks in one run. "
-              "Drops are points below the original FP32 model on the same images (negative = better). "
+              "Drops are points below the original FP32 model on the same images (negative = better). Label balance = "
+              "`--balance` (the label loss's class mix); \"KD balanced\" = the distillation term matched the teacher on "
+              "class-balanced batches (`transfer: balanced`, the default) while the label loss kept the data's prior. "
               "Predicted = 1 / the pruned-to-unpruned latency ratio the prune stage measured on its OpenVINO INT8 "
               "probe at batch 32 before fine-tuning; measured = the peer / the artifact's own OpenVINO INT8 model "
               "(the same runtime as the prediction, whatever shipped).", ""]
