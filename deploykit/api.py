@@ -20,6 +20,7 @@ from typing import Any
 
 from .artifact import (MANIFEST, PREPROCESSING, RECIPE_YAML, REPORT_JSON, REPORT_MD, TTA_POLICY, ArtifactWriter,
                        build_manifest, finalize_model, write_json)
+from .back_off import next_back_off
 from .recipe import Recipe, load_recipe
 from .report import REPORT_SCHEMA, render_markdown
 from .stages.select_runtime import ChainBudgetMissed
@@ -127,21 +128,20 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
             state = PipelineState(model=copy.deepcopy(teacher), teacher=teacher, preprocessing=pre, workdir=workdir,
                                   data=data, target=recipe.target, log=console.print, inputs=inputs,
                                   model_kwargs=dict(loaded.model_kwargs or {}))
+            lineage: list[dict] = []
             try:
-                lineage = _run_stages(recipe, stages, state, console)
+                _run_stages(recipe, stages, state, console, lineage)
                 break
             except ChainBudgetMissed as miss:
-                relaxed = _relaxed(recipe)
-                if relaxed is None:
+                step = next_back_off(recipe, _facts_by_stage(lineage).get("distill"), miss.near_miss)
+                if step is None:
                     raise
-                old_prune, recipe = recipe.stage("prune"), relaxed
-                backed_off.append({"missed": miss.problem, "prune_before": _prune_target(old_prune),
-                                   "prune_after": _prune_target(recipe.stage("prune"))})
-                console.print(f"[yellow]accuracy budget missed ({miss.problem}); pruning less: "
-                              f"{backed_off[-1]['prune_before']} -> {backed_off[-1]['prune_after']}[/]")
-                notes.append(f"the chain missed the accuracy budget against the original and re-ran with less "
-                             f"pruning ({backed_off[-1]['prune_before']} -> {backed_off[-1]['prune_after']}): "
-                             f"{miss.problem}")
+                recipe = recipe.with_overrides(step.overrides)
+                backed_off.append({"missed": miss.problem, "change": step.change})
+                console.print(f"[yellow]accuracy budget missed ({miss.problem}); re-running the chain with "
+                              f"{step.change}[/]")
+                notes.append(f"the chain missed the accuracy budget against the original and re-ran with "
+                             f"{step.change}: {miss.problem}")
                 stages = [STAGES.get(spec.name)(spec.config) for spec in recipe.stages]
 
         final = finalize_model(state)
@@ -177,12 +177,12 @@ def compress(checkpoint: str | Path | None = None, recipe: Recipe | str | Path =
     return CompressResult(path=out, report=report, manifest=manifest)
 
 
-def _run_stages(recipe: Recipe, stages: list, state, console) -> list[dict]:
-    """Run each stage on ``state`` in order; returns the lineage (name, config, seconds, facts per stage)."""
+def _run_stages(recipe: Recipe, stages: list, state, console, lineage: list[dict]) -> None:
+    """Run each stage on ``state`` in order, appending to ``lineage`` (name, config, seconds, facts per stage) as
+    each finishes: a chain that stops part-way still shows what its stages found."""
     from .measure import stopwatch
     from .stop import check_stop
 
-    lineage = []
     for spec, stage in zip(recipe.stages, stages):
         check_stop()
         with console.status(f"stage {spec.name}..."), stopwatch() as sw:
@@ -190,21 +190,6 @@ def _run_stages(recipe: Recipe, stages: list, state, console) -> list[dict]:
         console.print(f"[green]done[/] {spec.name} in {sw['seconds']:.1f}s")
         lineage.append({"name": spec.name, "config": spec.config.model_dump(mode="json"),
                         "seconds": round(sw["seconds"], 3), "facts": facts})
-    return lineage
-
-
-def _relaxed(recipe: Recipe) -> Recipe | None:
-    """``recipe`` with less pruning (the prune stage's back-off), or None when it has none left."""
-    spec = recipe.stage("prune")
-    if spec is None or spec.config.back_off < 1:
-        return None
-    return recipe.with_overrides({f"stages.prune.{k}": v for k, v in spec.config.relaxed().model_dump().items()})
-
-
-def _prune_target(spec) -> str:
-    c = spec.config
-    return (f"latency {c.target_latency}" if c.target_latency is not None else
-            f"ratio {c.ratio:g}" if c.ratio is not None else f"MACs -{c.macs_reduction:.0%}")
 
 
 def _facts_by_stage(lineage: list[dict]) -> dict[str, dict]:

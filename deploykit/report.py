@@ -154,7 +154,8 @@ def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str
     """The prune stage's latency target: what the sweep predicted and what was measured, trial by trial."""
     lines = []
     for b in backed_off or []:
-        lines += ["", f"**Backed off**: {b['missed']}; pruning {b['prune_before']} -> {b['prune_after']}."]
+        change = b.get("change") or f"pruning {b['prune_before']} -> {b['prune_after']}"  # older reports: pruning only
+        lines += ["", f"**Backed off**: {b['missed']}; re-ran with {change}."]
     if not lat:
         return lines
     met = "met" if lat.get("met") else "not met"

@@ -40,9 +40,9 @@ def test_prune_config_takes_one_target_and_backs_off_by_half():
     with pytest.raises(ValueError, match="neither a ratio nor milliseconds"):
         Prune.Config(target_latency="soon")
     c = Prune.Config(target_latency="0.5x")
-    assert c.macs_reduction is None and c.back_off == 1
+    assert c.macs_reduction is None and c.back_off == 2
     r = c.relaxed()
-    assert (r.target_latency, r.back_off) == ("0.75x", 0)   # halfway to the unpruned model
+    assert (r.target_latency, r.back_off) == ("0.75x", 1)   # halfway to the unpruned model
     assert Prune.Config(macs_reduction=0.6).relaxed().macs_reduction == pytest.approx(0.3)
 
 
@@ -161,7 +161,7 @@ def test_a_chain_that_misses_backs_off_then_fails_in_one_line(tmp_path):
     recipe = parse_recipe({
         "version": 1, "name": "chain-test", "target": "cpu",
         "data": {"name": "fashion-mnist", "calibration_images": 32, "check_images": 32, "eval_images": 300},
-        "stages": [{"prune": {"ratio": 0.9}},
+        "stages": [{"prune": {"ratio": 0.9, "back_off": 1}},
                    {"distill": {"epochs": 1, "max_train_images": 64, "resume": False, "progress": False}},
                    "fuse_bn", "export_onnx",
                    {"select_runtime": {"candidates": ["onnxruntime-fp32"], "max_top1_drop": 0.5, "rounds": 2,
@@ -173,3 +173,30 @@ def test_a_chain_that_misses_backs_off_then_fails_in_one_line(tmp_path):
     assert "\n" not in str(err.value) and "Fix: prune less" in str(err.value)
     assert "ratio 0.9 -> ratio 0.45" in console.export_text()
     assert not (tmp_path / "a").exists()
+
+
+def test_back_off_distils_longer_only_when_the_student_was_still_improving_and_the_miss_was_near():
+    """The rung is chosen from what the failed chain showed (recorded: Lite0 on Fashion-MNIST-LT at 0.5x, 8 epochs,
+    validation macro-F1 best at the last epoch, float model 0.75 top-1 points down against a 0.5 budget)."""
+    from deploykit.back_off import next_back_off
+    from deploykit.recipe import parse_recipe
+    from deploykit.stages.select_runtime import near_miss
+
+    recipe = parse_recipe({"version": 1, "name": "x", "stages": [
+        {"prune": {"target_latency": "0.5x"}}, {"distill": {"epochs": 8}}, "export_onnx"]})
+    rising = {"best_epoch": 8, "stopped_early": False, "history": [{"epoch": e} for e in range(1, 9)]}
+    plateau = {"best_epoch": 5, "stopped_early": True, "history": [{"epoch": e} for e in range(1, 9)]}
+    assert near_miss({"top1_drop": 0.75, "macro_f1_drop": 0.62}, 0.5, 1.0)
+    assert not near_miss({"top1_drop": 3.24, "macro_f1_drop": 3.98}, 0.5, 1.0)
+    assert not near_miss({"top1_drop": 0.3, "macro_f1_drop": 2.1}, 0.5, 1.0)      # each metric on its own budget
+
+    longer = next_back_off(recipe, rising, near_miss=True)
+    assert longer.change == "distill epochs 8 -> 16"
+    again = recipe.with_overrides(longer.overrides)
+    assert again.stage("distill").config.epochs == 16 and again.stage("prune").config.back_off == 1
+    assert again.stage("prune").config.target_latency == "0.5x"                 # the latency target is kept
+    for facts, near in ((rising, False), (plateau, True), (None, True)):
+        step = next_back_off(recipe, facts, near_miss=near)
+        assert step.change == "pruning latency 0.5x -> latency 0.75x"
+    last = recipe.with_overrides({"stages.prune.back_off": 0})
+    assert next_back_off(last, rising, near_miss=True) is None

@@ -229,8 +229,9 @@ class Prune(Stage):
         # but out of order: 104 channels 1.77 ms, 112 2.99, 128 2.20 at 16x16). Wider multiples buy nothing there, so
         # 8 stays (an AVX2 register's int32 lanes); AVX2-only CPUs were not measured.
         round_to: int = Field(8, ge=1, description="pruned channel counts are multiples of this")
-        back_off: int = Field(1, ge=0, description="times the whole chain re-runs with half the pruning when the "
-                                                   "final model misses the accuracy budget against the original")
+        back_off: int = Field(2, ge=0, description="times the whole chain re-runs when the final model misses the "
+                                                   "accuracy budget against the original: with twice the KD epochs "
+                                                   "or half the pruning (deploykit.back_off)")
         importance: Literal["l2", "l1"] = "l2"
         global_pruning: bool = False
         ignore: list[str] = Field(default_factory=list, description="module names never pruned (head is always kept)")

@@ -156,7 +156,22 @@ def chain_budget_miss(rows: list[dict], decision: dict, reference: str = REFEREN
 
 
 class ChainBudgetMissed(DeployKitError):
-    """The final model is outside the accuracy budget measured against the original (``select_runtime``)."""
+    """The final model is outside the accuracy budget measured against the original (``select_runtime``).
+
+    ``near_miss``: every missed drop was within twice its budget (what ``deploykit.back_off`` reads)."""
+
+    near_miss: bool = False
+
+
+def near_miss(row: dict, max_top1_drop: float, max_macro_f1_drop: float | None) -> bool:
+    """Whether each of ``row``'s drops is at most twice its budget (a miss by no more than the budget again).
+
+    Example:
+        >>> near_miss({"top1_drop": 0.75, "macro_f1_drop": 0.4}, 0.5, 1.0), near_miss({"top1_drop": 3.2}, 0.5, None)
+        (True, False)
+    """
+    pairs = [(row.get("top1_drop"), max_top1_drop), (row.get("macro_f1_drop"), max_macro_f1_drop)]
+    return all(drop <= 2 * budget for drop, budget in pairs if drop is not None and budget is not None)
 
 
 def _known_variants(names: list[str] | None) -> list[str] | None:
@@ -342,11 +357,14 @@ class SelectRuntime(Stage):
             row["score"] = decision["scores"][row["name"]]
         miss = chain_budget_miss(rows, decision) if against == TORCH and c.force is None else None
         if miss is not None:
-            raise ChainBudgetMissed(
+            err = ChainBudgetMissed(
                 f"the compressed model is outside the accuracy budget against the original, even in float "
                 f"({REFERENCE}: {miss}; original top-1 {ref_top1:.2f}, macro-F1 {ref_f1:.2f})",
                 fix="prune less (a larger --target-latency, a smaller --prune), distill longer, or raise the budget "
                     "(--max-drop / --max-f1-drop)")
+            err.near_miss = near_miss(next(r for r in rows if r["name"] == REFERENCE), c.max_top1_drop,
+                                      c.max_macro_f1_drop)
+            raise err
         chosen = next(cand for cand in cands if cand.name == decision["chosen"])
         reason = decision["reason"]
         if state.withheld:  # models that failed their own stage's fidelity check never became candidates
