@@ -172,7 +172,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['model']} | {r['balance']} | failed: {r['failed']} | | | | | | | |")
             continue
         t, f = r["top1"], r["macro_f1"]
-        kd = r["balance"] + (", KD balanced" if r.get("kd_transfer") == "balanced" and r["balance"] != "sampler" else "")
+        balanced_kd = r.get("kd_transfer") == "balanced" and r["balance"] != "sampler"
+        kd = r["balance"] + (", KD balanced" if balanced_kd else "")
         lines.append(f"| {r['model']} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
                      f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
                      f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x** | "
@@ -180,8 +181,9 @@ def markdown(res: dict) -> str:
                      f"{r.get('measured_speedup_bs32_openvino_int8', '-')}x |")
     lines += ["", "Speedup = the peer's p50 / deploykit's p50, timed side by side in alternating blocks in one run. "
               "Drops are points below the original FP32 model on the same images (negative = better). Label balance = "
-              "`--balance` (the label loss's class mix); \"KD balanced\" = the distillation term matched the teacher on "
-              "class-balanced batches (`transfer: balanced`, the default) while the label loss kept the data's prior. "
+              "`--balance` (the label loss's class mix); \"KD balanced\" = the distillation term matched the "
+              "teacher on class-balanced batches (`transfer: balanced`, the default) while the label loss kept the "
+              "data's prior. "
               "Predicted = 1 / the pruned-to-unpruned latency ratio the prune stage measured on its OpenVINO INT8 "
               "probe at batch 32 before fine-tuning; measured = the peer / the artifact's own OpenVINO INT8 model "
               "(the same runtime as the prediction, whatever shipped).", ""]
