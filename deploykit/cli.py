@@ -34,6 +34,12 @@ class CalibMethod(str, Enum):
     percentile = "percentile"
 
 
+class Balance(str, Enum):
+    none = "none"
+    sampler = "sampler"
+    effective_number = "effective_number"
+
+
 def fail(err: Exception, code: int = 2) -> None:
     """One line on stderr, non-zero exit: the contract for every user error."""
     typer.echo(f"error: {err}", err=True)
@@ -107,6 +113,9 @@ def compress(
     max_f1_drop: Optional[float] = typer.Option(None, "--max-f1-drop", min=0.0,
                                                 help="macro-F1 budget in points against the original (recipes with "
                                                      "select_runtime)"),
+    balance: Optional[Balance] = typer.Option(None, help="long-tailed data, in the fine-tuning stages (distill, "
+                                              "qat): the class prior the label loss teaches: none (the data's), "
+                                              "sampler (class-balanced batches) or effective_number (loss weights)"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on this many images (default: whole split)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads (default: physical cores)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory (default <ckpt-stem>.deploykit)"),
@@ -173,6 +182,12 @@ def compress(
                 raise DeployKitError(f"--max-f1-drop needs a recipe that chooses the runtime; {r.name!r} does not",
                                      fix="use --int8, --target-latency or a recipe with select_runtime")
             r = r.with_overrides({"stages.select_runtime.max_macro_f1_drop": max_f1_drop})
+        if balance is not None:
+            trainers = [name for name in ("distill", "qat") if r.stage(name)]
+            if not trainers:
+                raise DeployKitError(f"--balance needs a recipe that fine-tunes; {r.name!r} has no distill or qat "
+                                     "stage", fix="use --target-latency, --prune or --recipe qat-int8 with --balance")
+            r = r.with_overrides({f"stages.{name}.balance": balance.value for name in trainers})
         if set_:
             r = r.with_overrides(_settings(set_))
         if checkpoint is None and not r.model.factory:

@@ -134,6 +134,19 @@ def test_cli_target_latency_selects_the_chain_budget_recipe():
     assert both.returncode == 2 and both.stderr.count("\n") == 1 and "--prune and --target-latency" in both.stderr
 
 
+def test_cli_balance_sets_every_fine_tuning_stage_and_is_refused_without_one():
+    out = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--recipe", "prune-kd-qat-int8",
+                          "--balance", "sampler", "--dry-run"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = parse_recipe(yaml.safe_load(out.stdout))
+    assert (r.stage("distill").config.balance, r.stage("qat").config.balance) == ("sampler", "sampler")
+    assert r.stage("distill").config.transfer == "balanced"
+    ptq = subprocess.run([sys.executable, "-m", "deploykit", "compress", "ckpt.pth", "--int8", "--balance", "sampler",
+                          "--dry-run"], capture_output=True, text=True)
+    assert ptq.returncode == 2 and ptq.stderr.count("\n") == 1
+    assert "--balance needs a recipe that fine-tunes" in ptq.stderr
+
+
 def test_recipes_keep_repeated_stages_and_address_them_by_index():
     r = parse_recipe({"stages": ["fuse_bn", "export_onnx", "fuse_bn"]})
     assert r.with_overrides({"data.seed": 3}).stage_names() == ["fuse_bn", "export_onnx", "fuse_bn"]
