@@ -119,6 +119,22 @@ def test_prune_to_latency_on_a_real_runtime_keeps_its_books():
         pytest.fail(f"0.02x was not refused: {got['trials']} {got['sweep']}")
 
 
+def test_latency_probe_compares_by_the_clock_it_was_given():
+    """wall by default (what the user waits for), cpu on request, auto = CPU time only for calls of 2 ms and more;
+    an unknown clock is one line naming the setting."""
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    busy = {"a": lambda v: np.linalg.svd(np.ones((300, 300)) + v.sum()), "b": lambda v: v * 2}
+    for clock, want in (("wall", "wall"), ("cpu", "cpu")):
+        probe = LatencyProbe("onnxruntime-fp32", (1, 8, 8), 4, x, max_rounds=2, time_budget_s=0.2, clock=clock)
+        ms = probe.time(busy)
+        assert probe.clock == want and ms["a"] > ms["b"] >= 0
+    quick = LatencyProbe("onnxruntime-fp32", (1, 8, 8), 4, x, max_rounds=2, time_budget_s=0.2, clock="auto")
+    quick.time({"b": lambda v: v * 2})
+    assert quick.clock == "wall"                      # calls under 2 ms are compared by wall time
+    with pytest.raises(RecipeError, match="latency clock 'gpu' is not wall, cpu or auto.*prune.latency_clock"):
+        LatencyProbe("onnxruntime-fp32", (1, 8, 8), 4, x, clock="gpu")
+
+
 def _row(name, top1, f1, original=(85.61, 84.61), counterpart=None, budget=1.0, f1_budget=None):
     drop, f1_drop = round(original[0] - top1, 2), round(original[1] - f1, 2)
     notes = budget_notes({"top1_agreement": 99.0, "sqnr_db": 30.0}, drop, retrained=True, min_top1_agreement=90,

@@ -222,6 +222,9 @@ class Prune(Stage):
         latency_runtime: Literal["openvino-int8", "openvino-fp32", "onnxruntime-fp32"] = Field(
             "openvino-int8", description="the runtime variant the latency target is measured on")
         latency_batch_size: int = Field(32, ge=1, description="the batch size the latency target is measured at")
+        latency_clock: Literal["wall", "cpu", "auto"] = Field(
+            "wall", description="wall: what the user waits for; auto: CPU time for calls of 2 ms and more (a shared "
+                                "machine); cpu: always CPU time (deploykit.prune_latency.LatencyProbe.time)")
         max_ratio: float = Field(0.8, gt=0, lt=1, description="latency target: most channels removed from one block")
         # 8, measured (bench/results/channel_rounding*.md, Intel Xeon AVX-512 VNNI/AMX, one 64->C->C->64 conv block,
         # C = 96..128 in steps of 4, batch 32): OpenVINO INT8 showed no step between multiples of 4, 8, 16 and 64
@@ -323,7 +326,8 @@ class Prune(Stage):
         def prune_fn(model, ratios):
             return _prune_once(model, size, ratios, c.round_to, c.ignore, c.importance, c.global_pruning)
 
-        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs())
+        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs(),
+                             clock=c.latency_clock)
         model, latency = prune_to_latency(state.model, size, LatencyTarget.parse(c.target_latency), probe,
                                           prune_fn=prune_fn, max_ratio=c.max_ratio, log=state.log)
         macs1, params1 = count_macs_params(model, size)
