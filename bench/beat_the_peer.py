@@ -33,7 +33,7 @@ from results_io import stamped, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (checkpoint, dataset, latency target, KD epochs, KD train images (0 = all))
     "lite0": ("models/efficientnet_lite0_fmnist_lt64.pth", "fashion-mnist-lt", "0.5x", 8, 0),
-    "resnet10t": ("models/resnet10t_fmnist64.pth", "fashion-mnist", "0.5x", 3, 0),
+    "resnet10t": ("models/resnet10t_fmnist64.pth", "fashion-mnist", "0.5x", 6, 0),
 }
 
 
