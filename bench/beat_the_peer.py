@@ -154,8 +154,8 @@ def run_model(name: str, args) -> list[dict]:
             "measured_speedup_bs32_openvino_int8": round(same_rt, 3),
             "prediction_error": round(abs(predicted - same_rt) / same_rt, 3) if predicted else None,
             "shipped": chosen, "macs_kept": facts["prune"]["macs_kept"], "prune_latency": {
-                k: lat.get(k) for k in ("target", "runtime", "batch_size", "measured_ratio", "predicted_ratio",
-                                        "unit_ratios", "met")},
+                k: lat.get(k) for k in ("target", "runtime", "batch_size", "clock", "measured_ratio",
+                                        "predicted_ratio", "unit_ratios", "met")},
             "backed_off": art.report.get("backed_off", []), "compress_seconds": seconds,
         })
     return rows
@@ -174,7 +174,8 @@ def markdown(res: dict) -> str:
         t, f = r["top1"], r["macro_f1"]
         balanced_kd = r.get("kd_transfer") == "balanced" and r["balance"] != "sampler"
         kd = r["balance"] + (", KD balanced" if balanced_kd else "")
-        lines.append(f"| {r['model']} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
+        when = f" (measured {r['measured'][:16].replace('T', ' ')})" if r.get("measured") else ""
+        lines.append(f"| {r['model']}{when} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
                      f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
                      f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x** | "
                      f"**{r['speedup_vs_peer_bs32']:.2f}x** | {r['predicted_speedup_bs32'] or '-'}x / "
@@ -190,7 +191,8 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         if "failed" in r:
             continue
-        lines.append(f"- **{r['model']} / {r['balance']}**: MACs kept {r['macs_kept']:.2f}, per-block ratios "
+        lines.append(f"- **{r['model']} / {r['balance']}**: probe clock {r['prune_latency'].get('clock') or 'auto'}, "
+                     f"MACs kept {r['macs_kept']:.2f}, per-block ratios "
                      f"{r['prune_latency']['unit_ratios']}; bs1 p50 peer {r['latency_ms']['bs1']['peer']['p50']:.3f}"
                      f" ms vs ours {r['latency_ms']['bs1']['ours']['p50']:.3f} ms, bs32 "
                      f"{r['latency_ms']['bs32']['peer']['p50']:.3f} vs {r['latency_ms']['bs32']['ours']['p50']:.3f}"
