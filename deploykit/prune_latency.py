@@ -117,13 +117,13 @@ class LatencyProbe:
         if runtime not in PROBE_RUNTIMES:
             raise RecipeError(f"latency runtime {runtime!r} is not one of {', '.join(PROBE_RUNTIMES)}",
                               fix=f"set prune.latency_runtime to one of {', '.join(PROBE_RUNTIMES)}")
+        if clock not in ("wall", "cpu", "auto"):
+            raise RecipeError(f"latency clock {clock!r} is not wall, cpu or auto", fix="set prune.latency_clock")
         self.runtime, self.input_size, self.batch_size = runtime, tuple(input_size), int(batch_size)
         self.calibration = np.asarray(calibration[:16], dtype=np.float32)
         self.threads, self.max_rounds, self.time_budget_s = threads, max_rounds, time_budget_s
         self._dir = tempfile.TemporaryDirectory(prefix="deploykit-probe-")
         self._n = 0
-        if clock not in ("wall", "cpu", "auto"):
-            raise RecipeError(f"latency clock {clock!r} is not wall, cpu or auto", fix="set prune.latency_clock")
         self.use_clock = clock
         self.clock = "wall"  # the clock the last timing compared by
 
@@ -154,16 +154,15 @@ class LatencyProbe:
         stretches wall time by whenever it happens to run (a sweep on the 64x64 Lite0 under a load average of 4 saw
         2-6% savings per block by wall time where a quiet run saw 7-15%); ``cpu`` always.
         """
-        from .gate import AUTO_CLOCK_MS
+        from .gate import auto_clock
         from .measure import time_variants
 
         x = np.resize(self.calibration, (self.batch_size, *self.input_size)).astype(np.float32)
         run = time_variants(fns, x, max_rounds=self.max_rounds, min_rounds=min(4, self.max_rounds), eliminate=False,
                             block_s=0.15, time_budget_s=self.time_budget_s)
-        cpu = self.use_clock == "cpu" or (self.use_clock == "auto" and
-                                          min(rec.p50 for rec in run.records.values()) >= AUTO_CLOCK_MS)
-        self.clock = "cpu" if cpu else "wall"
-        return {n: (rec.cpu_p50 if cpu else rec.p50) for n, rec in run.records.items()}
+        self.clock = (auto_clock(min(rec.p50 for rec in run.records.values())) if self.use_clock == "auto"
+                      else self.use_clock)
+        return {n: (rec.cpu_p50 if self.clock == "cpu" else rec.p50) for n, rec in run.records.items()}
 
     def describe(self) -> str:
         return f"{self.runtime} at batch {self.batch_size}"

@@ -14,14 +14,14 @@ Example:
 from __future__ import annotations
 
 from .baseline import BASELINE_SCHEMA, GATE_SCHEMA, load_baseline, make_baseline, run_gate
-from .measure import (AUTO_CLOCK_MS, CLOCKS, ReferenceWorkload, measure_gate, measure_ratios, model_reference,
-                      synthetic_reference_model, with_planted_slowdown)
+from .measure import (AUTO_CLOCK_MS, CLOCKS, ReferenceWorkload, auto_clock, measure_gate, measure_ratios,
+                      model_reference, synthetic_reference_model, with_planted_slowdown)
 from .stats import (MIN_ROUNDS, NOISY, OK, REGRESSION, VERDICTS, Decision, Estimate, GateError,
                     bootstrap_slowdown_ci, combine, decide, decide_estimate, estimate, parse_slowdown)
 
 __all__ = [
     "BASELINE_SCHEMA", "GATE_SCHEMA", "load_baseline", "make_baseline", "run_gate",
-    "AUTO_CLOCK_MS", "CLOCKS", "ReferenceWorkload", "measure_gate", "measure_ratios", "model_reference",
+    "AUTO_CLOCK_MS", "CLOCKS", "ReferenceWorkload", "auto_clock", "measure_gate", "measure_ratios", "model_reference",
     "synthetic_reference_model", "with_planted_slowdown",
     "MIN_ROUNDS", "NOISY", "OK", "REGRESSION", "VERDICTS", "Decision", "Estimate", "GateError",
     "bootstrap_slowdown_ci", "combine", "decide", "decide_estimate", "estimate", "parse_slowdown",

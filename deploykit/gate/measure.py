@@ -115,6 +115,11 @@ def model_reference(artifact, base_dir: Path | None = None) -> dict:
 AUTO_CLOCK_MS = 2.0
 
 
+def auto_clock(call_ms: float) -> str:
+    """What 'auto' picks for calls of ``call_ms``: 'wall' below AUTO_CLOCK_MS, 'cpu' from there up."""
+    return "wall" if call_ms < AUTO_CLOCK_MS else "cpu"
+
+
 def _median(xs: list[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
@@ -142,7 +147,7 @@ def measure_gate(artifact, batch: int, reference: dict, *, threads: int = 1, sec
         clock = "cuda"
     if clock == "auto":  # decided once, when a baseline is made; comparisons reuse the stored choice
         probe = measure_ratios(fn, ref, seconds=0.2, min_rounds=5, warmup_s=0.1, clock="wall")
-        clock = "wall" if _median(probe["candidate_ms"]) < AUTO_CLOCK_MS else "cpu"
+        clock = auto_clock(_median(probe["candidate_ms"]))
     if reference["kind"] == "synthetic" and not reference.get("repeats"):
         probe = measure_ratios(fn, ref, seconds=0.3, min_rounds=10, warmup_s=0.1, clock=clock)
         ref.repeats = reference["repeats"] = max(1, int(round(_median(probe["ratios"]))))
