@@ -8,8 +8,9 @@ prune stage can aim at a latency instead:
    ``probe_ratio`` on a copy; each copy is exported, quantized as the target runtime runs it (``LatencyProbe``) and
    timed **in a pair with the unpruned model** with ``deploykit.measure`` (the machine's speed drifts 1.5x in half
    an hour, so only ratios measured together mean anything). A unit's *saving* is the
-   fraction of the unpruned latency it removed; its *cost* is the fraction of the model's L2 weight mass
-   (the magnitude criterion the pruner itself ranks channels by) that went with it.
+   fraction of the unpruned latency it removed; its *cost* is what ``cost_fn`` says the pruned copy lost: by
+   default how far its outputs moved (``deploykit.prune_sensitivity.OutputSensitivity``), else the fraction of the
+   model's L2 weight mass (the magnitude criterion the pruner itself ranks channels by) that went with it.
 2. **Allocate.** Each unit's ratio is proportional to its saving per unit of cost (capped at ``max_ratio``);
    the predicted latency ratio is ``1 - sum(saving_u * g(r_u) / g(probe_ratio))`` with ``g(r) = 1 - (1 - r)^2``
    (a block pruned on both sides keeps ``(1 - r)^2`` of its multiply-adds); the scale is bisected until the
@@ -170,12 +171,12 @@ class LatencyProbe:
 
 class Allocation:
     """Per-unit pruning ratios from a sweep: each unit's ratio is proportional to its latency saving per unit of
-    weight mass lost (``efficiency``), capped at ``max_ratio``; ``predicted`` is the latency ratio the sweep's
-    savings add up to (``g(r) = 1 - (1 - r)^2`` scales a saving measured at ``probe_ratio`` to ratio ``r``).
+    cost (``efficiency``; the cost is output KL or weight mass lost), capped at ``max_ratio``; ``predicted`` is the
+    latency ratio the sweep's savings add up to (``g(r) = 1 - (1 - r)^2`` scales a saving measured at ``probe_ratio`` to ratio ``r``).
 
     Example (recorded sweep of the 64x64 Lite0, OpenVINO INT8 bs32):
         >>> plan = Allocation({"blocks.1": 0.14, "blocks.5": 0.004}, {"blocks.1": 0.034, "blocks.5": 0.26}, 0.5, 0.8)
-        >>> plan.for_goal(0.9)          # blocks.1 buys 35x more time per unit of mass: pruned first
+        >>> plan.for_goal(0.9)          # blocks.1 buys 35x more time per unit of weight mass: pruned first
         {'blocks.1': 0.318..., 'blocks.5': 0.001...}
     """
 
@@ -210,11 +211,13 @@ class Allocation:
 
 def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTarget, probe: LatencyProbe, *,
                      prune_fn: Callable, probe_ratio: float = 0.5, max_ratio: float = 0.8,
-                     tolerance: float = 0.05, max_trials: int = 4, log: Callable[[str], None] = lambda s: None):
+                     tolerance: float = 0.05, max_trials: int = 4, cost_fn: Callable | None = None,
+                     log: Callable[[str], None] = lambda s: None):
     """Prune a copy of ``model`` to ``target`` latency on ``probe``'s runtime; returns (pruned copy, facts).
 
     ``prune_fn(model, ratios: {unit module: ratio})`` prunes a model in place (the stage's Torch-Pruning call, so
-    rounding, ignored layers and attention handling are the stage's).
+    rounding, ignored layers and attention handling are the stage's). ``cost_fn(pruned copy)`` is what pruning one
+    unit at ``probe_ratio`` cost (``OutputSensitivity``); None = the fraction of L2 weight mass removed.
     """
     from .stages.prune import classifier_modules
 
@@ -243,7 +246,7 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
     cost, saving, sweep = {}, {}, []
     for name in names:
         trial, ms = timed({name: probe_ratio})
-        cost[name] = max(1e-6, 1.0 - weight_mass(trial) / mass0)
+        cost[name] = max(1e-6, cost_fn(trial) if cost_fn else 1.0 - weight_mass(trial) / mass0)
         saving[name] = 1.0 - ms["pruned"] / ms["unpruned"]
         sweep.append({"unit": name, "saving": round(saving[name], 4), "cost": round(cost[name], 4),
                       "unpruned_ms": round(ms["unpruned"], 4), "pruned_ms": round(ms["pruned"], 4)})
@@ -310,5 +313,6 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
     return pruned, {"target": str(target), "target_ratio": round(target_ratio, 4), "runtime": probe.runtime,
                    "batch_size": probe.batch_size, "clock": probe.clock, "unpruned_ms": round(base, 4),
                    "predicted_ratio": rec["predicted_ratio"], "measured_ratio": rec["measured_ratio"],
-                   "met": met, "probe_ratio": probe_ratio, "sweep": sweep, "trials": trials,
+                   "met": met, "probe_ratio": probe_ratio, "cost": "output" if cost_fn else "weight_mass",
+                   "sweep": sweep, "trials": trials,
                    "unit_ratios": rec["ratios"]}

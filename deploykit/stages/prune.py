@@ -225,6 +225,10 @@ class Prune(Stage):
         latency_clock: Literal["wall", "cpu", "auto"] = Field(
             "wall", description="wall: what the user waits for; auto: CPU time for calls of 2 ms and more (a shared "
                                 "machine); cpu: always CPU time (deploykit.prune_latency.LatencyProbe.time)")
+        latency_cost: Literal["output", "weight_mass"] = Field(
+            "output", description="latency target: what pruning a block costs, against the time it buys. output: "
+                                  "how far the outputs move on the calibration images, BN re-estimated, every class "
+                                  "weighing the same (deploykit.prune_sensitivity); weight_mass: L2 mass removed")
         max_ratio: float = Field(0.8, gt=0, lt=1, description="latency target: most channels removed from one block")
         # 8, measured (bench/results/channel_rounding*.md, Intel Xeon AVX-512 VNNI/AMX, one 64->C->C->64 conv block,
         # C = 96..128 in steps of 4, batch 32): OpenVINO INT8 showed no step between multiples of 4, 8, 16 and 64
@@ -318,6 +322,7 @@ class Prune(Stage):
     def _prune_to_latency(self, state: PipelineState):
         """Latency-targeted pruning (``deploykit.prune_latency``) with this stage's pruner settings."""
         from ..prune_latency import LatencyProbe, LatencyTarget, prune_to_latency
+        from ..prune_sensitivity import OutputSensitivity
 
         c, size = self.config, state.preprocessing.input_size
         check_prunable(state.model)
@@ -326,10 +331,11 @@ class Prune(Stage):
         def prune_fn(model, ratios):
             return _prune_once(model, size, ratios, c.round_to, c.ignore, c.importance, c.global_pruning)
 
-        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs(),
-                             clock=c.latency_clock)
+        images = state.calibration_inputs()
+        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, images, clock=c.latency_clock)
+        cost_fn = OutputSensitivity(state.model, images) if c.latency_cost == "output" else None
         model, latency = prune_to_latency(state.model, size, LatencyTarget.parse(c.target_latency), probe,
-                                          prune_fn=prune_fn, max_ratio=c.max_ratio, log=state.log)
+                                          prune_fn=prune_fn, max_ratio=c.max_ratio, cost_fn=cost_fn, log=state.log)
         macs1, params1 = count_macs_params(model, size)
         return model, {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
                        "params_before": params0, "params_after": params1, "round_to": c.round_to,
