@@ -168,9 +168,12 @@ def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str
     for i, t in enumerate(lat.get("trials", []), 1):
         lines.append(f"| {i} | {t['predicted_ratio']:.3f}x | {t['measured_ratio']:.3f}x | {t['unpruned_ms']:.3f} | "
                      f"{t['pruned_ms']:.3f} |")
-    lines += ["", "| block | latency saved at half its channels | weight mass lost | ratio pruned |",
+    output_cost = lat.get("cost") == "output"
+    lines += ["", "| block | latency saved at half its channels | "
+                  + ("output KL (class-balanced)" if output_cost else "weight mass lost") + " | ratio pruned |",
               "|---|---|---|---|"]
     for u in lat.get("sweep", []):
-        lines.append(f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.1%} | "
+        lines.append(f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.4f} | " if output_cost else
+                     f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.1%} | "
                      f"{lat.get('unit_ratios', {}).get(u['unit'], 0.0):.2f} |")
     return lines
