@@ -173,7 +173,7 @@ def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str
                   + ("output KL (class-balanced)" if output_cost else "weight mass lost") + " | ratio pruned |",
               "|---|---|---|---|"]
     for u in lat.get("sweep", []):
-        lines.append(f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.4f} | " if output_cost else
-                     f"| {u['unit']} | {u['saving']:.1%} | {u['cost']:.1%} | "
+        cost = f"{u['cost']:.4f}" if output_cost else f"{u['cost']:.1%}"
+        lines.append(f"| {u['unit']} | {u['saving']:.1%} | {cost} | "
                      f"{lat.get('unit_ratios', {}).get(u['unit'], 0.0):.2f} |")
     return lines

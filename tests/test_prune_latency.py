@@ -216,3 +216,17 @@ def test_back_off_distils_longer_only_when_the_student_was_still_improving_and_t
         assert step.change == "pruning latency 0.5x -> latency 0.75x"
     last = recipe.with_overrides({"stages.prune.back_off": 0})
     assert next_back_off(last, rising, near_miss=True) is None
+
+
+@pytest.mark.parametrize("cost, header, cell", [("output", "output KL (class-balanced)", "0.2478"),
+                                                ("weight_mass", "weight mass lost", "24.8%")])
+def test_report_names_the_sweep_cost_and_every_block_keeps_its_ratio(cost, header, cell):
+    from deploykit.report import _latency_target_lines
+
+    lat = {"target": "0.5x", "runtime": "openvino-int8", "batch_size": 32, "met": True, "unpruned_ms": 7.0,
+           "cost": cost, "trials": [], "unit_ratios": {"blocks.1": 0.4},
+           "sweep": [{"unit": "blocks.1", "saving": 0.15, "cost": 0.2478}, {"unit": "blocks.5", "saving": 0.04,
+                                                                            "cost": 0.2478}]}
+    lines = _latency_target_lines(lat, None)
+    assert f"| block | latency saved at half its channels | {header} | ratio pruned |" in lines
+    assert lines[-2:] == [f"| blocks.1 | 15.0% | {cell} | 0.40 |", f"| blocks.5 | 4.0% | {cell} | 0.00 |"]
