@@ -82,14 +82,20 @@ def original_fp32_onnx(checkpoint, input_size, out: Path) -> Path:
     """The original model as deploykit's own FP32 export makes it (static pads, BatchNorm folded), not a plain
     torch.onnx.export with the dynamic 'same' padding of tf_ models: the fair (strongest) FP32 baseline."""
     from deploykit.checkpoint import load_checkpoint
+
+    return fp32_onnx(load_checkpoint(checkpoint).model, input_size, out)
+
+
+def fp32_onnx(model, input_size, out: Path) -> Path:
+    """``model`` (changed in place) exported the way deploykit's chain does: static pads, BatchNorm folded."""
     from deploykit.stages.export_onnx import export_onnx
     from deploykit.stages.fuse_bn import fuse_conv_bn
     from deploykit.stages.static_pad import make_padding_static
 
-    original = load_checkpoint(checkpoint).model.eval()
-    make_padding_static(original, input_size)
-    original, _ = fuse_conv_bn(original)
-    return export_onnx(original.eval(), out, input_size)
+    model.eval()
+    make_padding_static(model, input_size)
+    model, _ = fuse_conv_bn(model)
+    return export_onnx(model.eval(), out, input_size)
 
 
 def nncf_default(fp32: Path, out: Path, calib: np.ndarray) -> Path:
