@@ -172,7 +172,8 @@ class LatencyProbe:
 class Allocation:
     """Per-unit pruning ratios from a sweep: each unit's ratio is proportional to its latency saving per unit of
     cost (``efficiency``; the cost is output KL or weight mass lost), capped at ``max_ratio``; ``predicted`` is the
-    latency ratio the sweep's savings add up to (``g(r) = 1 - (1 - r)^2`` scales a saving measured at ``probe_ratio`` to ratio ``r``).
+    latency ratio the sweep's savings add up to (``g(r) = 1 - (1 - r)^2`` scales a saving measured at
+    ``probe_ratio`` to ratio ``r``).
 
     Example (recorded sweep of the 64x64 Lite0, OpenVINO INT8 bs32):
         >>> plan = Allocation({"blocks.1": 0.14, "blocks.5": 0.004}, {"blocks.1": 0.034, "blocks.5": 0.26}, 0.5, 0.8)
