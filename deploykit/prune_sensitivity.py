@@ -4,7 +4,7 @@ The latency sweep (``deploykit.prune_latency``) prunes one block at a time and n
 buys, what each costs. Weight mass (the L2 criterion the pruner ranks channels by) is a poor stand-in across
 blocks: on the 64x64 long-tailed EfficientNet-Lite0, ``blocks.1`` holds 3% of the mass and ``blocks.5`` 26%, yet
 pruning half of ``blocks.1`` moved the outputs 8x more than half of ``blocks.5`` (class-balanced KL 0.25 vs 0.03 on
-300 training images; top-1 on 2,000 test images before any fine-tuning 70.3 vs 85.0; docs/decisions.md). So the
+256 training images; top-1 on 2,000 test images before any fine-tuning 70.3 vs 85.0; docs/decisions.md). So the
 cost is measured: the pruned copy's BatchNorm statistics are re-estimated on the calibration images (a pruned
 block's old statistics describe channels that are gone; EagleEye, Li et al. ECCV 2020, found accuracy after this
 "adaptive BN" ranks pruned candidates the way fine-tuned accuracy does), then the KL divergence of its softmax from

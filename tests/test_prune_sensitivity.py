@@ -75,7 +75,7 @@ def test_statistics_are_re_estimated_on_a_copy_and_an_unpruned_copy_costs_nothin
 
 def test_on_the_long_tailed_lite0_a_light_block_costs_more_than_a_heavy_one():
     """The case weight mass gets wrong (recorded in docs/decisions.md): half of blocks.1 is 3% of the L2 mass and
-    half of blocks.5 is 26%, but blocks.1 moves the outputs far more (KL 0.25 vs 0.03 measured on 300 images;
+    half of blocks.5 is 26%, but blocks.1 moves the outputs far more (KL 0.25 vs 0.03 measured on 256 images;
     asserted with a 3x margin, well inside the 8x measured, so any x86-64 CPU's float rounding passes)."""
     pytest.importorskip("timm")
     pytest.importorskip("torch_pruning")
