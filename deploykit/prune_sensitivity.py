@@ -46,39 +46,32 @@ class OutputSensitivity:
         w = 1.0 / counts[pred]
         self.weights = w / w.sum()
 
-    def _logits(self, model):
-        import torch
-
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            out = torch.cat([model(self.x[i:i + _BATCH]) for i in range(0, len(self.x), _BATCH)]).double()
-        model.train(was_training)
-        return out
-
     @staticmethod
     def adapt_bn(model, x) -> None:
-        """Re-estimate every BatchNorm's running statistics on ``x`` (a cumulative average, not a momentum one)."""
+        """Re-estimate every BatchNorm's running statistics on ``x`` (a cumulative average, not a momentum one);
+        ``model`` is left in eval mode."""
         import torch
 
         bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if not bns:
-            return
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
         model.eval()
         for bn in bns:   # only the statistics: dropout / drop-path stay off while they are gathered
+            bn.reset_running_stats()
+            bn.momentum = None
             bn.train()
-        with torch.no_grad():   # inference_mode would refuse the in-place update of the running statistics
-            for i in range(0, len(x), _BATCH):
-                model(x[i:i + _BATCH])
-        model.eval()
+        if bns:
+            with torch.no_grad():   # inference_mode would refuse the in-place update of the running statistics
+                for i in range(0, len(x), _BATCH):
+                    model(x[i:i + _BATCH])
+            model.eval()
 
     def _adapted_logits(self, model):
-        trial = copy.deepcopy(model)   # the caller's model keeps its statistics
+        """Logits of a copy of ``model`` with its BN statistics re-estimated (the caller's model keeps its own)."""
+        import torch
+
+        trial = copy.deepcopy(model)
         self.adapt_bn(trial, self.x)
-        return self._logits(trial)
+        with torch.inference_mode():
+            return torch.cat([trial(self.x[i:i + _BATCH]) for i in range(0, len(self.x), _BATCH)]).double()
 
     def __call__(self, pruned) -> float:
         """The cost of ``pruned`` (left untouched: its BN statistics are re-estimated on a copy)."""
