@@ -48,10 +48,8 @@ def main(argv=None) -> int:
     from deploykit.data.synthetic import native_bf16
     from deploykit.measure import time_variants
     from deploykit.preprocessing import resolve_preprocessing
-    from deploykit.prune_latency import LatencyProbe, LatencyTarget, prune_to_latency
-    from deploykit.prune_sensitivity import OutputSensitivity
     from deploykit.recipe import DataConfig
-    from deploykit.stages.prune import Prune, _prune_once, count_macs_params
+    from deploykit.stages.prune import Prune, count_macs_params, prune_to_latency_target
     from deploykit.stages.quantize_openvino import quantize_openvino
     from peers import fp32_onnx
 
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
     pre, model = resolve_preprocessing(loaded), loaded.model.eval()
     data = resolve_data(DataConfig(name=data_name, calibration_images=args.calibration_images))
     calib = data.calibration.load(pre, np.arange(min(args.calibration_images, len(data.calibration))))
-    size, c = pre.input_size, Prune.Config()
+    size = pre.input_size
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
     precisions = ["int8"] + (["bf16"] if native_bf16() else [])
@@ -71,13 +69,9 @@ def main(argv=None) -> int:
     for p in precisions[1:]:
         fns[f"original {p}"] = create_backend("openvino", original_onnx, precision=p).run
     macs0 = count_macs_params(model, size)[0]
-    cost = OutputSensitivity(model, calib)
     pruned_facts = {}
     for t in [s.strip() for s in args.targets.split(",") if s.strip()]:
-        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, calib, clock=c.latency_clock)
-        pruned, facts = prune_to_latency(
-            model, size, LatencyTarget.parse(t), probe, max_ratio=c.max_ratio, cost_fn=cost,
-            prune_fn=lambda m, r: _prune_once(m, size, r, c.round_to, c.ignore, c.importance, c.global_pruning))
+        pruned, facts = prune_to_latency_target(model, size, calib, Prune.Config(target_latency=t))
         pruned_facts[t] = {"probe_measured_ratio": facts["measured_ratio"], "unit_ratios": facts["unit_ratios"],
                            "macs_kept": round(count_macs_params(pruned, size)[0] / macs0, 4)}
         onnx = fp32_onnx(pruned, size, work / f"pruned_{t}.onnx")

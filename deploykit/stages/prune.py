@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -209,6 +209,23 @@ def prune_model(model, input_size: tuple[int, int, int], *, ratio: float | None 
                    "round_to": round_to, "ignored": ignore, "search": trials}
 
 
+def prune_to_latency_target(model, input_size: tuple[int, int, int], images: np.ndarray, c: "Prune.Config", *,
+                            log: Callable[[str], None] = lambda s: None):
+    """A pruned copy of ``model`` at ``c.target_latency`` with the prune stage's settings ``c`` (probe runtime,
+    batch, clock, sweep cost, rounding, importance, ignored layers); returns (copy, latency facts). The stage and
+    ``bench/latency_target_curve.py`` both call it, so the curve is what the stage would prune."""
+    from ..prune_latency import LatencyProbe, LatencyTarget, prune_to_latency
+    from ..prune_sensitivity import OutputSensitivity
+
+    def prune_fn(m, ratios):
+        return _prune_once(m, input_size, ratios, c.round_to, c.ignore, c.importance, c.global_pruning)
+
+    probe = LatencyProbe(c.latency_runtime, input_size, c.latency_batch_size, images, clock=c.latency_clock)
+    cost_fn = OutputSensitivity(model, images) if c.latency_cost == "output" else None
+    return prune_to_latency(model, input_size, LatencyTarget.parse(c.target_latency), probe, prune_fn=prune_fn,
+                            max_ratio=c.max_ratio, cost_fn=cost_fn, log=log)
+
+
 @register("prune")
 class Prune(Stage):
     """Structured pruning of ``state.model`` (the teacher stays whole); saves a rebuildable pruned file."""
@@ -321,21 +338,10 @@ class Prune(Stage):
 
     def _prune_to_latency(self, state: PipelineState):
         """Latency-targeted pruning (``deploykit.prune_latency``) with this stage's pruner settings."""
-        from ..prune_latency import LatencyProbe, LatencyTarget, prune_to_latency
-        from ..prune_sensitivity import OutputSensitivity
-
         c, size = self.config, state.preprocessing.input_size
         check_prunable(state.model)
         macs0, params0 = count_macs_params(state.model, size)
-
-        def prune_fn(model, ratios):
-            return _prune_once(model, size, ratios, c.round_to, c.ignore, c.importance, c.global_pruning)
-
-        images = state.calibration_inputs()
-        probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, images, clock=c.latency_clock)
-        cost_fn = OutputSensitivity(state.model, images) if c.latency_cost == "output" else None
-        model, latency = prune_to_latency(state.model, size, LatencyTarget.parse(c.target_latency), probe,
-                                          prune_fn=prune_fn, max_ratio=c.max_ratio, cost_fn=cost_fn, log=state.log)
+        model, latency = prune_to_latency_target(state.model, size, state.calibration_inputs(), c, log=state.log)
         macs1, params1 = count_macs_params(model, size)
         return model, {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
                        "params_before": params0, "params_after": params1, "round_to": c.round_to,
