@@ -8,7 +8,8 @@ For each model, in one process on one machine:
     measured on OpenVINO INT8, KD from the original, INT8 for ONNX Runtime and OpenVINO, the runtime chosen by
     measurement under one accuracy budget against the original), once per ``--balance`` setting.
 Accuracy (top-1, macro-F1) on the whole evaluation split; latency of peer and deploykit timed side by side in
-alternating blocks (``deploykit.measure.time_variants``) at batch 1 and 32; speedup = peer p50 / deploykit p50.
+alternating blocks (``deploykit.measure.time_variants``) at batch 1 and 32; speedup = the peer's latency /
+deploykit's, paired by round (``deploykit.measure.Ratio``: the median of per-round ratios).
 The prune stage's own prediction (its measured pruned/unpruned ratio on its probe) is compared with the final
 speedup.
 
@@ -132,17 +133,19 @@ def run_model(name: str, args) -> list[dict]:
         # the pruned model on the runtime the prune stage predicted for (OpenVINO INT8), beside the shipped one:
         # the prediction is checked on like for like, whatever runtime select_runtime shipped
         probe_rt = create_backend("openvino", art.path / "model.ov.xml", precision="int8")
-        timing = {}
+        timing, ratios = {}, {}
         for bs in (1, 32):
             x = data.eval.load(pre, np.arange(bs))
             run = time_variants({"peer": peer.run, "ours": ours.run, "ours_openvino_int8": probe_rt.run}, x,
                                 max_rounds=args.rounds, min_rounds=6, eliminate=False, time_budget_s=40.0)
             timing[bs] = {k: rec.to_dict() for k, rec in run.records.items()}
+            # speedups paired by round (deploykit.measure.Ratio): the machine changes speed between rounds
+            ratios[bs] = {k: run.ratio("peer", k) for k in ("ours", "ours_openvino_int8")}
         facts = art.report["stage_facts"]
         lat = facts["prune"].get("latency") or {}
-        speed = {bs: timing[bs]["peer"]["p50"] / timing[bs]["ours"]["p50"] for bs in (1, 32)}
+        speed = {bs: ratios[bs]["ours"].value for bs in (1, 32)}
         predicted = 1.0 / lat["measured_ratio"] if lat.get("measured_ratio") else None
-        same_rt = timing[32]["peer"]["p50"] / timing[32]["ours_openvino_int8"]["p50"]
+        same_rt = ratios[32]["ours_openvino_int8"].value
         chosen = facts["select_runtime"]["chosen"]
         rows.append({
             "model": name, "balance": balance, "checkpoint": ckpt_s, "data": data_name,
@@ -154,6 +157,7 @@ def run_model(name: str, args) -> list[dict]:
             "macro_f1_drop": round(acc["original"]["macro_f1"] - acc["ours"]["macro_f1"], 2),
             "peer_top1_drop": round(acc["original"]["top1"] - acc["peer"]["top1"], 2),
             "speedup_vs_peer_bs1": round(speed[1], 3), "speedup_vs_peer_bs32": round(speed[32], 3),
+            "speedup_interval": {f"bs{bs}": list(ratios[bs]["ours"].interval) for bs in (1, 32)},
             "latency_ms": {f"bs{bs}": {k: {m: t[k][m] for m in ("p50", "p50_interval", "runs")}
                                        for k in t} for bs, t in timing.items()},
             "predicted_speedup_bs32": round(predicted, 3) if predicted else None,
@@ -181,12 +185,15 @@ def markdown(res: dict) -> str:
         balanced_kd = r.get("kd_transfer") == "balanced" and r["balance"] != "sampler"
         kd = r["balance"] + (", KD balanced" if balanced_kd else "")
         when = f" (measured {r['measured'][:16].replace('T', ' ')})" if r.get("measured") else ""
+        medians = "" if "speedup_interval" in r else " †"
         lines.append(f"| {r['model']}{when} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
                      f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
-                     f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x** | "
-                     f"**{r['speedup_vs_peer_bs32']:.2f}x** | {r['predicted_speedup_bs32'] or '-'}x / "
+                     f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x**{medians} | "
+                     f"**{r['speedup_vs_peer_bs32']:.2f}x**{medians} | {r['predicted_speedup_bs32'] or '-'}x / "
                      f"{r.get('measured_speedup_bs32_openvino_int8', '-')}x |")
-    lines += ["", "Speedup = the peer's p50 / deploykit's p50, timed side by side in alternating blocks in one run. "
+    lines += ["", "Speedup = the peer's latency / deploykit's, timed side by side in alternating blocks in one run: "
+              "the median over rounds of the ratio of their block medians in that round (blocks a fraction of a "
+              "second apart see the same machine; † = an earlier row, the ratio of the two medians over all runs). "
               "Drops are points below the original FP32 model on the same images (negative = better). Label balance = "
               "`--balance` (the label loss's class mix); \"KD balanced\" = the distillation term matched the "
               "teacher on class-balanced batches (`transfer: balanced`, the default) while the label loss kept the "

@@ -5,7 +5,8 @@ stage's default settings: OpenVINO INT8 probe at batch 32, output-KL cost) at ea
 fine-tuning (speed does not depend on the weights' values); each pruned model exported the way the chain exports
 it and run on OpenVINO INT8 (the chain's NNCF settings) and OpenVINO BF16 (where the CPU has native BF16), timed
 side by side with the peer (OpenVINO + NNCF INT8 of the original, defaults) and the unpruned original at batch 1 and
-32, alternating blocks. Speedup = peer p50 / variant p50. Accuracy is not here: it needs the fine-tuning
+32, alternating blocks. Speedup = the peer's latency / the variant's, paired by round (``deploykit.measure.Ratio``:
+the median of per-round ratios, so a machine that changes speed between rounds cancels). Accuracy is not here: it needs the fine-tuning
 (``bench/beat_the_peer.py``). Use it to pick the least pruning that reaches a speed goal: less pruning keeps more
 accuracy.
 
@@ -82,18 +83,18 @@ def main(argv=None) -> int:
         print(f"{t}: probe measured {facts['measured_ratio']:.3f}x, MACs kept {pruned_facts[t]['macs_kept']:.2f}",
               flush=True)
 
-    timing = {}
+    timing, speedup = {}, {}
     for bs in (1, 32):
         x = data.calibration.load(pre, np.arange(bs))
         run = time_variants(fns, x, max_rounds=args.rounds, min_rounds=6, eliminate=False, time_budget_s=60.0)
         timing[bs] = {k: rec.to_dict() for k, rec in run.records.items()}
+        speedup[bs] = {k: run.ratio("peer", k).value for k in fns}
     rows = []
     for name in fns:
         target, _, precision = name.rpartition(" ")
         rows.append({"variant": name, "target": target or None, "precision": precision or "int8",
                      **pruned_facts.get(target, {}),
-                     **{f"speedup_vs_peer_bs{bs}": round(timing[bs]["peer"]["p50"] / timing[bs][name]["p50"], 3)
-                        for bs in (1, 32)},
+                     **{f"speedup_vs_peer_bs{bs}": round(speedup[bs][name], 3) for bs in (1, 32)},
                      "p50_ms": {f"bs{bs}": timing[bs][name]["p50"] for bs in (1, 32)},
                      "p50_interval_ms": {f"bs{bs}": timing[bs][name]["p50_interval"] for bs in (1, 32)}})
     write_results(args.out, f"latency_target_curve_{args.model}",
@@ -114,7 +115,8 @@ def markdown(res: dict) -> str:
     lines += ["", "No fine-tuning: speed only (the weights' values do not change the kernels). Target = the prune "
               "stage's `target_latency` on its OpenVINO INT8 probe at batch 32 (relative to the unpruned model); "
               "each target is pruned by the stage's own allocation. All variants timed side by side in alternating "
-              "blocks in one run per batch size; speedup = the peer's p50 / the variant's p50.", ""]
+              "blocks in one run per batch size; speedup = the peer's latency / the variant's, the median of per-round "
+              "ratios (blocks of the same round run a fraction of a second apart).", ""]
     return "\n".join(lines)
 
 

@@ -106,6 +106,8 @@ class Timing:
     blocks: int = 0
     stopped: str = ""           # why this variant's timing ended
     clock: str = "wall"         # what wall_ms was read from: 'wall' (perf_counter) or 'cuda' (CUDA events)
+    # round -> (median wall ms, median CPU ms) of this variant's block in that round: what ``TimingRun.ratio`` pairs
+    rounds_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def _pct(self, q: float) -> float:
         return round(float(np.percentile(self.wall_ms, q)), 4) if self.wall_ms else float("nan")
@@ -169,6 +171,45 @@ class TimingRun:
     def p50(self) -> dict[str, float]:
         return {n: t.p50 for n, t in self.records.items()}
 
+    def ratio(self, a: str, b: str, clock: str = "wall") -> "Ratio":
+        """``a``'s latency over ``b``'s, paired by round (see ``Ratio``); ``clock`` 'cpu' pairs CPU time."""
+        ra, rb = self.records[a].rounds_ms, self.records[b].rounds_ms
+        i = 1 if clock == "cpu" else 0
+        per_round = [ra[k][i] / rb[k][i] for k in sorted(ra.keys() & rb.keys()) if rb[k][i] > 0]
+        if not per_round:
+            raise ValueError(f"{a!r} and {b!r} were never timed in the same round")
+        lo, hi = median_interval(per_round)
+        return Ratio(a, b, round(float(np.median(per_round)), 4), (round(lo, 4), round(hi, 4)), len(per_round))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``a``'s latency / ``b``'s: the median over rounds of the ratio of their block medians in the same round.
+
+    Why not ``p50(a) / p50(b)``: a shared machine switches speed on a scale of seconds, and a median over runs
+    from both speeds lands wherever the mix puts it. Measured on a 2-core Xeon whose AMX INT8 convolutions
+    flipped between ~6 and ~13 ms every few seconds (a batch-32 ResNet-10-T, OpenVINO + NNCF INT8): after 40
+    rounds ``p50(peer) / p50(pruned)`` read 1.47 while the per-round ratio read 2.51, and 200 rounds later both
+    read 2.50 (per-round ratios 2.26-2.61, 10th-90th percentile). Two blocks of the same round are a fraction of
+    a second apart, so they see the same machine. ``interval`` is the order-statistic interval of the median
+    (``median_interval``); ``rounds`` how many rounds timed both.
+    """
+
+    a: str
+    b: str
+    value: float
+    interval: tuple[float, float]
+    rounds: int
+
+    def inverse(self) -> "Ratio":
+        """``b`` / ``a``: a speedup of ``a`` over ``b`` from a latency ratio (the interval flips too)."""
+        lo, hi = self.interval
+        return Ratio(self.b, self.a, round(1.0 / self.value, 4), (round(1.0 / hi, 4), round(1.0 / lo, 4)),
+                     self.rounds)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "interval": list(self.interval), "rounds": self.rounds}
+
 
 def _timed(fn: Callable, x, clock: str = "wall") -> tuple[float, float]:
     """(elapsed ms on ``clock`` — 'wall' or 'cuda' —, process CPU ms) of one call."""
@@ -227,6 +268,7 @@ def time_variants(fns: dict[str, Callable], x: np.ndarray, *, max_rounds: int = 
                 rec.wall_ms.append(w)
                 rec.cpu_ms.append(c)
             rec.blocks += 1
+            rec.rounds_ms[r] = (float(np.median(rec.wall_ms[-k:])), float(np.median(rec.cpu_ms[-k:])))
             est[n] = rec.p50
         rounds = r + 1
         if eliminate and len(active) > 1:

@@ -7,7 +7,8 @@ prune stage can aim at a latency instead:
 1. **Sweep.** Each *unit* (a stage or block: ``blocks.3``, ``layer2.0``; ``prunable_units``) is pruned alone at
    ``probe_ratio`` on a copy; each copy is exported, quantized as the target runtime runs it (``LatencyProbe``) and
    timed **in a pair with the unpruned model** with ``deploykit.measure`` (the machine's speed drifts 1.5x in half
-   an hour, so only ratios measured together mean anything). A unit's *saving* is the
+   an hour, so only ratios measured together mean anything; the ratio is paired by round, ``measure.Ratio``). A
+   unit's *saving* is the
    fraction of the unpruned latency it removed; its *cost* is what ``cost_fn`` says the pruned copy lost: by
    default how far its outputs moved (``deploykit.prune_sensitivity.OutputSensitivity``), else the fraction of the
    model's L2 weight mass (the magnitude criterion the pruner itself ranks channels by) that went with it.
@@ -155,6 +156,18 @@ class LatencyProbe:
         stretches wall time by whenever it happens to run (a sweep on the 64x64 Lite0 under a load average of 4 saw
         2-6% savings per block by wall time where a quiet run saw 7-15%); ``cpu`` always.
         """
+        run = self._run(fns)
+        return {n: (rec.cpu_p50 if self.clock == "cpu" else rec.p50) for n, rec in run.records.items()}
+
+    def ratio(self, fn: Callable, base_fn: Callable) -> dict[str, float]:
+        """``fn`` beside ``base_fn``: {"ratio": fn's latency / base_fn's, paired by round (``measure.Ratio``: a
+        machine that changes speed between rounds cancels), "ms": fn's median, "base_ms": base_fn's median}."""
+        run = self._run({"base": base_fn, "fn": fn})
+        pick = (lambda rec: rec.cpu_p50) if self.clock == "cpu" else (lambda rec: rec.p50)
+        return {"ratio": run.ratio("fn", "base", clock=self.clock).value, "ms": pick(run.records["fn"]),
+                "base_ms": pick(run.records["base"])}
+
+    def _run(self, fns: dict[str, Callable]):
         from .gate import auto_clock
         from .measure import time_variants
 
@@ -163,7 +176,7 @@ class LatencyProbe:
                             block_s=0.15, time_budget_s=self.time_budget_s)
         self.clock = (auto_clock(min(rec.p50 for rec in run.records.values())) if self.use_clock == "auto"
                       else self.use_clock)
-        return {n: (rec.cpu_p50 if self.clock == "cpu" else rec.p50) for n, rec in run.records.items()}
+        return run
 
     def describe(self) -> str:
         return f"{self.runtime} at batch {self.batch_size}"
@@ -238,19 +251,20 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
                           f"{probe.describe()}: nothing to prune", fix="set a target below the unpruned latency")
 
     def timed(ratios: dict[str, float]) -> tuple:
-        """A copy of ``model`` pruned by {unit name: ratio}, and its median beside the unpruned model's."""
+        """A copy of ``model`` pruned by {unit name: ratio}, and its latency beside the unpruned model's
+        (``LatencyProbe.ratio``: the ratio is paired by round, the medians are reported)."""
         trial = copy.deepcopy(model)
         modules = dict(trial.named_modules())
         prune_fn(trial, {modules[n]: r for n, r in ratios.items() if r > 0})
-        return trial, probe.time({"unpruned": base_fn, "pruned": probe.build(trial)})
+        return trial, probe.ratio(probe.build(trial), base_fn)
 
     cost, saving, sweep = {}, {}, []
     for name in names:
-        trial, ms = timed({name: probe_ratio})
+        trial, got = timed({name: probe_ratio})
         cost[name] = max(1e-6, cost_fn(trial) if cost_fn else 1.0 - weight_mass(trial) / mass0)
-        saving[name] = 1.0 - ms["pruned"] / ms["unpruned"]
+        saving[name] = 1.0 - got["ratio"]
         sweep.append({"unit": name, "saving": round(saving[name], 4), "cost": round(cost[name], 4),
-                      "unpruned_ms": round(ms["unpruned"], 4), "pruned_ms": round(ms["pruned"], 4)})
+                      "unpruned_ms": round(got["base_ms"], 4), "pruned_ms": round(got["ms"], 4)})
     base = float(np.median([s["unpruned_ms"] for s in sweep]))
     target_ratio = min(target.ratio(base), 0.99)
     log(f"latency sweep on {probe.describe()}: unpruned {base:.3f} ms; "
@@ -266,9 +280,9 @@ def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTar
 
     def trial_at(alloc: dict[str, float]) -> tuple:
         trial, got = timed(alloc)
-        measured = got["pruned"] / got["unpruned"]
+        measured = got["ratio"]
         rec = {"predicted_ratio": round(plan.predicted(alloc), 4), "measured_ratio": round(measured, 4),
-               "unpruned_ms": round(got["unpruned"], 4), "pruned_ms": round(got["pruned"], 4),
+               "unpruned_ms": round(got["base_ms"], 4), "pruned_ms": round(got["ms"], 4),
                "ratios": {n: round(r, 3) for n, r in alloc.items() if round(r, 3) > 0},
                "at_max_ratio": all(r >= max_ratio - 1e-9 for r in alloc.values())}
         trials.append(rec)

@@ -94,3 +94,52 @@ def test_the_harness_is_the_only_timing_loop_in_the_package():
     assert offenders == {}, f"time.* called inside a loop outside deploykit/measure.py: {offenders}"
     # and the detector does detect one
     assert _clock_calls_in_loops(ast.parse("import time\nfor i in range(3):\n    t = time.perf_counter()\n")) == [3]
+
+
+class TwoSpeedMachine:
+    """A simulated clock on a machine that runs every call ``slow`` times slower until it switches to full speed,
+    as the shared 2-core Xeon did (its AMX INT8 convolutions flipped between ~13 and ~6 ms every few seconds):
+    each call advances the clock by its cost, scaled by the speed at the moment it starts. The switch comes after
+    ``switch_after`` calls of the model named ``switch_on``."""
+
+    def __init__(self, switch_on: str, switch_after: int, slow: float = 2.3):
+        self.now_ms, self.slow, self.calls = 0.0, slow, {}
+        self.switch_on, self.switch_after = switch_on, switch_after
+
+    def clock(self) -> float:
+        return self.now_ms / 1000.0
+
+    def model(self, name: str, cost_ms: float):
+        def run(x):
+            slow = self.calls.get(self.switch_on, 0) < self.switch_after
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.now_ms += cost_ms * (self.slow if slow else 1.0)
+        return run
+
+
+def test_ratios_pair_blocks_of_the_same_round_so_a_machine_changing_speed_cancels(monkeypatch):
+    import deploykit.measure as measure
+
+    # 39 rounds, each variant's block = 1 untimed + 5 timed calls, after 1 warm-up call. The machine speeds up
+    # right after the peer's 20th block, which is round 19's first (odd rounds run in reverse order): the peer
+    # ran 20 of its 39 blocks slow, the pruned model 19.
+    m = TwoSpeedMachine(switch_on="peer", switch_after=1 + 20 * 6)
+    monkeypatch.setitem(measure.CLOCKS, "wall", m.clock)
+    run = time_variants({"pruned": m.model("pruned", 1.0), "peer": m.model("peer", 2.5)}, np.zeros(1),
+                        max_rounds=39, block_runs=5, warmup=1, eliminate=False)
+    # the medians of all runs: the peer's lands on a slow run, the pruned model's on a fast one (off by 2.3x)
+    assert run.records["pruned"].p50 / run.records["peer"].p50 == 1.0 / (2.5 * 2.3)
+    # a round whose two blocks ran at one speed gives exactly 1.0 / 2.5; all but round 19 did
+    ratio = run.ratio("pruned", "peer")
+    assert (ratio.value, ratio.rounds) == (0.4, 39) and ratio.interval == (0.4, 0.4)
+    speedup = ratio.inverse()
+    assert (speedup.a, speedup.b, speedup.value, speedup.interval) == ("peer", "pruned", 2.5, (2.5, 2.5))
+
+
+def test_ratio_pairs_only_rounds_both_were_timed_in():
+    run = time_variants({"fast": sleeper(1), "mid": sleeper(1.5), "slow": sleeper(30)}, np.zeros(1), max_rounds=6,
+                        block_runs=5, decide_within=0.0)
+    assert run.records["slow"].stopped.startswith("eliminated after round 1")
+    r = run.ratio("slow", "fast")
+    assert r.rounds == 1 < len(run.records["fast"].rounds_ms)
+    assert r.value > 10  # 30 ms over ~1 ms: sleep never returns early, load may add a little to either

@@ -99,7 +99,6 @@ def test_prune_to_latency_on_a_real_runtime_keeps_its_books():
     assert facts["cost"] == "weight_mass" and all(0 < s["cost"] < 1 for s in facts["sweep"])
     assert 1 <= len(facts["trials"]) <= 3   # 2 trials, and one with every block at max_ratio when still far off
     for t in facts["trials"]:
-        assert t["measured_ratio"] == pytest.approx(t["pruned_ms"] / t["unpruned_ms"], abs=1e-3)
         assert all(0 < r <= 0.8 for r in t["ratios"].values())
     best = min(facts["trials"], key=lambda t: abs(t["measured_ratio"] - 0.8))
     assert facts["measured_ratio"] == best["measured_ratio"] and facts["unit_ratios"] == best["ratios"]
@@ -128,6 +127,8 @@ def test_latency_probe_compares_by_the_clock_it_was_given():
         probe = LatencyProbe("onnxruntime-fp32", (1, 8, 8), 4, x, max_rounds=2, time_budget_s=0.2, clock=clock)
         ms = probe.time(busy)
         assert probe.clock == want and ms["a"] > ms["b"] >= 0
+        paired = probe.ratio(busy["b"], busy["a"])  # b beside a: much faster on either clock
+        assert probe.clock == want and paired["ratio"] < 0.5 and paired["base_ms"] > paired["ms"]
     quick = LatencyProbe("onnxruntime-fp32", (1, 8, 8), 4, x, max_rounds=2, time_budget_s=0.2, clock="auto")
     quick.time({"b": lambda v: v * 2})
     assert quick.clock == "wall"                      # calls under 2 ms are compared by wall time

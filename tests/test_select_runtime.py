@@ -39,11 +39,29 @@ def test_picks_the_fastest_variant_within_budget():
     assert d["verdicts"]["openvino-int8"] == "outside the accuracy budget"
 
 
+def test_ratios_paired_by_round_decide_over_the_medians():
+    """Medians of runs taken while a shared machine changed speed can order two variants wrongly; the ratio to
+    the reference paired by round (``vs_reference``) is what the choice compares, and the reason quotes it."""
+    rows = [row("onnxruntime-fp32", None, 10.0, 100.0), row("openvino-int8", "onnxruntime-fp32", 4.0, 40.0),
+            row("openvino-bf16", "onnxruntime-fp32", 5.0, 50.0)]
+    assert choose_runtime(rows)["chosen"] == "openvino-int8"   # by the medians alone
+    rows[0]["vs_reference"] = {"bs1": 1.0, "bs32": 1.0}
+    rows[1]["vs_reference"] = {"bs1": 0.5, "bs32": 0.5}          # its medians mixed in fast-machine runs
+    rows[2]["vs_reference"] = {"bs1": 0.4, "bs32": 0.25}
+    d = choose_runtime(rows)
+    assert d["chosen"] == "openvino-bf16" and d["scores"]["openvino-bf16"] == round(np.sqrt(0.4 * 0.25), 4)
+    assert "bs1 5.00 ms (2.50x onnxruntime-fp32), bs32 50.00 ms (4.00x onnxruntime-fp32)" in d["reason"]
+    # a counterpart comparison is paired too: faster by the medians, slower in the same rounds -> did not pay
+    rows[1]["vs_reference"] = {"bs1": 1.1, "bs32": 0.5}
+    assert choose_runtime(rows, objective="latency")["verdicts"]["openvino-int8"].startswith(
+        "slower than its FP32 counterpart onnxruntime-fp32 at bs1 (4.00 vs 10.00 ms, 1.10x its time)")
+
+
 def test_never_picks_a_variant_slower_than_its_fp32_counterpart():
     # bf16 without AMX: slower than f32 at both sizes -> reported as not paying, never chosen
     d = choose_runtime(RESNET50)
     assert d["verdicts"]["openvino-bf16"].startswith("slower than its FP32 counterpart openvino-fp32 at bs1 "
-                                                     "(49.50 vs 29.90 ms), bs32 (1551.00 vs 883.00 ms)")
+                                                     "(49.50 vs 29.90 ms, 1.66x its time), bs32 (1551.00 vs 883.00 ms, 1.76x its time)")
     # quantize_static defaults: equal at bs1, slower at bs32 -> excluded even though nothing else is faster
     rows = [row("onnxruntime-fp32", None, 29.5, 876), row("onnxruntime-int8", "onnxruntime-fp32", 29.5, 1072)]
     assert choose_runtime(rows)["chosen"] == "onnxruntime-fp32"

@@ -13,7 +13,8 @@ measured stays in ``state.measured``, so the report shows these same numbers.
 Rules (``choose_runtime``, pure and tested on recorded numbers): a variant is eligible when it meets the
 accuracy budget and is no slower than its FP32 counterpart at any timed batch size; the eligible one with
 the lowest score wins (score = geometric mean over batch sizes of latency / reference latency, or one
-batch size's latency). ``force`` overrides the choice but the table still shows every number.
+batch size's latency). Latency relative to the reference is paired by round (``measure.Ratio``), not a ratio
+of medians: the shared machines change speed between rounds. ``force`` overrides the choice but the table still shows every number.
 
 Example:
     >>> choose_runtime(rows, reference="onnxruntime-fp32")["chosen"]
@@ -43,7 +44,8 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
 
     Args:
         rows: one dict per candidate with ``name``, ``counterpart`` (name or None), ``meets_budget`` (bool),
-            ``latency_ms`` ({"bs1": ms, "bs32": ms, ...}, medians).
+            ``latency_ms`` ({"bs1": ms, "bs32": ms, ...}, medians) and optionally ``vs_reference`` ({"bs1": latency /
+            the reference's, paired by round (``measure.Ratio``)}); without it the medians' ratio is used.
         reference: the row every score is relative to (ONNX Runtime FP32).
         objective: "balanced" (geometric mean over batch sizes of latency / reference; a variant must beat its
             FP32 counterpart at every size), "latency" (smallest batch only), "throughput" (largest batch only).
@@ -63,6 +65,13 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
         raise ValueError(f"objective {objective!r} not one of balanced, latency, throughput")
     ref = by_name[reference]["latency_ms"]
     keys = sorted(ref, key=lambda k: int(k[2:]))  # "bs1" < "bs32"
+
+    def rel(row: dict, k: str) -> float:
+        """Latency relative to the reference at ``k``: paired by round where measured so (a machine changing speed
+        between rounds cancels), else the medians' ratio."""
+        paired = (row.get("vs_reference") or {}).get(k)
+        return paired if paired is not None else row["latency_ms"][k] / ref[k]
+
     if objective == "latency":
         keys = keys[:1]
     elif objective == "throughput":
@@ -71,18 +80,19 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
     scores, verdicts = {}, {}
     for r in rows:
         lat = r["latency_ms"]
-        scores[r["name"]] = round(math.exp(sum(math.log(lat[k] / ref[k]) for k in keys) / len(keys)), 4)
+        scores[r["name"]] = round(math.exp(sum(math.log(rel(r, k)) for k in keys) / len(keys)), 4)
         cp = by_name.get(r["counterpart"]) if r.get("counterpart") else None
         # "did not pay" is judged on the batch sizes the objective counts: a batch-32 service does not care
         # that OpenVINO loses at batch 1 (balanced counts every measured size, so it must win at each)
         judged = lat if objective == "balanced" else keys
-        slower = [k for k in judged if cp is not None and k in cp["latency_ms"] and lat[k] > cp["latency_ms"][k]]
+        slower = [k for k in judged if cp is not None and k in cp["latency_ms"] and rel(r, k) > rel(cp, k)]
         if not r["meets_budget"]:
             note = f" ({r['budget_note']})" if r.get("budget_note") else ""
             verdicts[r["name"]] = "outside the accuracy budget" + note
         elif slower:
             verdicts[r["name"]] = (f"slower than its FP32 counterpart {cp['name']} at "
-                                   + ", ".join(f"{k} ({lat[k]:.2f} vs {cp['latency_ms'][k]:.2f} ms)" for k in slower)
+                                   + ", ".join(f"{k} ({lat[k]:.2f} vs {cp['latency_ms'][k]:.2f} ms, "
+                                               f"{rel(r, k) / rel(cp, k):.2f}x its time)" for k in slower)
                                    + ": did not pay")
         else:
             verdicts[r["name"]] = "eligible"
@@ -103,7 +113,7 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
     best = min(eligible, key=lambda n: scores[n])
     what = {"balanced": f"geometric-mean latency over {', '.join(keys)}", "latency": f"{keys[0]} latency",
             "throughput": f"{keys[0]} latency"}[objective]
-    speed = ", ".join(f"{k} {by_name[best]['latency_ms'][k]:.2f} ms ({ref[k] / by_name[best]['latency_ms'][k]:.2f}x "
+    speed = ", ".join(f"{k} {by_name[best]['latency_ms'][k]:.2f} ms ({1 / rel(by_name[best], k):.2f}x "
                       f"{reference})" for k in sorted(by_name[best]["latency_ms"], key=lambda k: int(k[2:])))
     return {"chosen": best, "reason": f"fastest of {len(eligible)} eligible variants by {what}: {speed}",
             "verdicts": verdicts, "scores": scores}
@@ -276,6 +286,8 @@ class SelectRuntime(Stage):
                                    time_budget_s=c.time_budget_s, decide_within=c.decide_within,
                                    eliminate=c.early_stop)
         latency = {n: {f"bs{bs}": run.records[n].p50 for bs, run in timings.items()} for n in timed}
+        # each candidate's latency / the reference's, paired by round: what the choice compares (measure.Ratio)
+        vs_ref = {n: {f"bs{bs}": run.ratio(n, REFERENCE).value for bs, run in timings.items()} for n in timed}
         timing = {n: {f"bs{bs}": run.records[n].to_dict() for bs, run in timings.items()} for n in timed}
 
         labels = None
@@ -305,13 +317,14 @@ class SelectRuntime(Stage):
             row: dict[str, Any] = {
                 "name": cand.name, "backend": v.backend, "model": cand.path.name, "precision": v.precision,
                 "settings": v.settings, "counterpart": v.counterpart, "latency_ms": latency[cand.name],
+                "vs_reference": vs_ref[cand.name],
                 "timing": timing[cand.name],
                 "top1_agreement": None, "sqnr_db": None, "top1": None, "evaluated": cand.name in out,
                 "meets_budget": True, "budget_note": "", "runtime": backends[cand.name].info(),
             }
             if TORCH in latency:
-                row["speedup_vs_torch_eager"] = {k: round(latency[TORCH][k] / ms, 3)
-                                                 for k, ms in latency[cand.name].items()}
+                row["speedup_vs_torch_eager"] = {k: round(vs_ref[TORCH][k] / vs_ref[cand.name][k], 3)
+                                                 for k in latency[cand.name]}
             if cand.name not in out:
                 return row
             fid = fidelity(out[REFERENCE], out[cand.name])
