@@ -82,12 +82,14 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
 
     # Latency: select_runtime's records where it timed these variants at these batch sizes; the rest timed here.
     records: dict[str, dict[int, object]] = {key: {} for key in keys}
+    runs: dict[int, dict[str, tuple]] = {}  # bs -> key -> (the timing run that timed it, its name in that run)
     missing: dict[int, list[str]] = {}
     for bs in ev.latency_batch_sizes:
         run = measured.timings.get(bs) if measured is not None else None
         for key in keys:
             if run is not None and names[key] in run.records:
                 records[key][bs] = run.records[names[key]]
+                runs.setdefault(bs, {})[key] = (run, names[key])
             else:
                 missing.setdefault(bs, []).append(key)
     for bs, todo_keys in missing.items():
@@ -97,6 +99,7 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
                                    time_budget_s=ev.latency_budget_s, eliminate=False)[bs]
         for key in todo_keys:
             records[key][bs] = run.records[key]
+            runs.setdefault(bs, {})[key] = (run, key)
     for key, by_bs in records.items():
         for bs, rec in sorted(by_bs.items()):
             m = models[key]
@@ -108,7 +111,7 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
 
     report: dict[str, Any] = {"models": models, "fidelity": fid, "latency_batch_sizes": ev.latency_batch_sizes,
                               "environment": {"machine": machine_line(), "threads": backends["original"].threads}}
-    _speed_notes(models, ev.latency_batch_sizes, state.precision, notes)
+    _speed_notes(models, ev.latency_batch_sizes, state.precision, notes, runs)
     if data is not None:
         from .forgetting import forgetting_report
 
@@ -131,17 +134,26 @@ def _same_inputs(measured, data, inputs) -> bool:
     return measured.labels is not None and np.array_equal(measured.labels, data.eval.labels)
 
 
-def _speed_notes(models: dict, batch_sizes: list[int], precision: str, notes: list[str]) -> None:
-    """Say plainly when compression did not pay on this machine."""
+def latency_ratio(runs: dict[int, dict[str, tuple]], bs: int, a: str, b: str) -> float:
+    """``a``'s latency / ``b``'s at batch ``bs``: paired by round when one timing run timed both
+    (``measure.Ratio``), else the ratio of their medians."""
+    (run_a, name_a), (run_b, name_b) = runs[bs][a], runs[bs][b]
+    if run_a is run_b:
+        return run_a.ratio(name_a, name_b).value
+    return run_a.records[name_a].p50 / run_b.records[name_b].p50
+
+
+def _speed_notes(models: dict, batch_sizes: list[int], precision: str, notes: list[str],
+                 runs: dict[int, dict[str, tuple]]) -> None:
+    """Speedups of the compressed model, and say plainly when compression did not pay on this machine."""
     ref_key = "onnx_fp32" if "onnx_fp32" in models else "original"
     for bs in batch_sizes:
         c = models["compressed"]["latency_ms"][f"bs{bs}_p50"]
         for key in dict.fromkeys(("original", ref_key)):
-            r = models[key]["latency_ms"][f"bs{bs}_p50"]
-            speedup = r / c if c > 0 else float("inf")
+            speedup = latency_ratio(runs, bs, key, "compressed")
             models["compressed"].setdefault("speedup", {})[f"vs_{key}_bs{bs}"] = round(speedup, 3)
         r = models[ref_key]["latency_ms"][f"bs{bs}_p50"]
-        if precision != "fp32" and c >= 0.95 * r:
+        if precision != "fp32" and latency_ratio(runs, bs, "compressed", ref_key) >= 0.95:
             notes.append(f"{precision.upper()} is NOT faster than its FP32 counterpart ({ref_key}) at batch {bs} "
                          f"on this machine: {c:.2f} ms vs {r:.2f} ms. Consider another runtime or precision.")
 

@@ -143,3 +143,22 @@ def test_ratio_pairs_only_rounds_both_were_timed_in():
     r = run.ratio("slow", "fast")
     assert r.rounds == 1 < len(run.records["fast"].rounds_ms)
     assert r.value > 10  # 30 ms over ~1 ms: sleep never returns early, load may add a little to either
+
+
+def test_the_report_pairs_speedups_when_one_run_timed_both():
+    """compress's report (deploykit.compare.latency_ratio): paired by round within one timing run; two variants
+    timed in different runs (one by select_runtime, one by the report) can only be compared by their medians."""
+    from deploykit.compare import latency_ratio
+    from deploykit.measure import Timing, TimingRun
+
+    def rec(name, rounds):  # rounds: block medians, one per round; the runs are the block medians themselves
+        return Timing(name, 1, wall_ms=list(rounds), cpu_ms=list(rounds),
+                      rounds_ms={i: (ms, ms) for i, ms in enumerate(rounds)})
+
+    # a machine at full speed in rounds 0-1, 2.3x slower in rounds 2-4: the original is 2x the compressed throughout
+    one = TimingRun(1, {"original": rec("original", [2.0, 2.0, 4.6, 4.6, 4.6]),
+                        "compressed": rec("compressed", [1.0, 1.0, 2.3, 2.3, 2.3])}, 5, 1.0, "")
+    other = TimingRun(1, {"onnx_fp32": rec("onnx_fp32", [3.0, 3.0, 3.0])}, 3, 1.0, "")
+    runs = {1: {"original": (one, "original"), "compressed": (one, "compressed"), "onnx_fp32": (other, "onnx_fp32")}}
+    assert latency_ratio(runs, 1, "original", "compressed") == 2.0
+    assert latency_ratio(runs, 1, "onnx_fp32", "compressed") == 3.0 / 2.3  # medians: 3.0 over 2.3
