@@ -9,6 +9,8 @@ gets one ``Timing`` record (p50/p90/p99, throughput, CPU time, interquartile ran
 how many runs and why timing stopped); select_runtime, the compress report, ``deploykit bench`` and the accuracy
 guard all show these records, so a number has one value wherever it appears.
 
+``TimingRun.ratio(a, b)`` is how every speed claim compares two variants: the median over rounds of the ratio of
+their block medians in the same round (``Ratio``), so a machine that changes speed between rounds cancels.
 ``paired_ratios`` is the CI gate's design (candidate and reference called in ABBA order, a ratio per round);
 ``logits_for`` runs several backends over the same preprocessed batches.
 
