@@ -76,17 +76,19 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Runtime chosen by measurement", "", f"**{sel['chosen']}**: {sel.get('reason', '')}.{against}",
                   "",
                   "Latency: median ms [95% interval on the median] n=timed runs; a candidate that could not be the "
-                  "fastest stopped being timed early. Timing stopped: "
+                  "fastest stopped being timed early. x reference: latency / the reference's at each batch size, "
+                  "the median of per-round ratios (what the choice compares). Timing stopped: "
                   + "; ".join(f"{k}: {v}" for k, v in sel.get("timing_stopped", {}).items()) + ".", "",
-                  "| variant | " + " | ".join(f"{b} ms" for b in sizes) + " | top-1 % | agreement % | verdict |",
-                  "|---|" + "---|" * (len(sizes) + 3)]
+                  "| variant | " + " | ".join(f"{b} ms" for b in sizes) + " | x reference | top-1 % | agreement % | "
+                  "verdict |", "|---|" + "---|" * (len(sizes) + 4)]
         for c in sel["candidates"]:
             lat = [_timing_cell(c.get("timing", {}).get(b), c.get("latency_ms", {}).get(b)) for b in sizes]
-            lines.append(f"| {c['name']} | " + " | ".join(lat) + f" | {_fmt(c.get('top1'))} | "
+            rel = " / ".join(_fmt((c.get("vs_reference") or {}).get(b), 3) for b in sizes)
+            lines.append(f"| {c['name']} | " + " | ".join(lat) + f" | {rel} | {_fmt(c.get('top1'))} | "
                          f"{_fmt(c.get('top1_agreement'))} | {c.get('verdict', '')} |")
         for name, b in sel.get("baselines", {}).items():
             lat = [_timing_cell(b.get("timing", {}).get(k), b.get("latency_ms", {}).get(k)) for k in sizes]
-            lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | |")
+            lines.append(f"| {name} (baseline) | " + " | ".join(lat) + " | | | | |")
     lines += _latency_target_lines(report.get("stage_facts", {}).get("prune", {}).get("latency"),
                                    report.get("backed_off"))
     tp = report.get("stage_facts", {}).get("tta_policy")

@@ -191,6 +191,15 @@ def test_stage_measures_every_candidate_and_records_its_choice(state):
     assert chosen["verdict"] == "eligible"
     eligible = [r for r in rows.values() if r["verdict"] == "eligible"]
     assert chosen["score"] == min(r["score"] for r in eligible)
+    # the scores come from ratios paired by round: the reference against itself is exactly 1 in every round
+    assert rows["onnxruntime-fp32"]["vs_reference"] == {"bs1": 1.0, "bs8": 1.0}
+    for r in rows.values():
+        assert r["score"] == pytest.approx(np.sqrt(r["vs_reference"]["bs1"] * r["vs_reference"]["bs8"]), abs=2e-4)
+    from deploykit.report import render_markdown
+
+    md = render_markdown({"models": {}, "data": {}, "stage_facts": {"select_runtime": facts}})
+    ref_row = next(line for line in md.splitlines() if line.startswith("| onnxruntime-fp32 |"))
+    assert "| 1.000 / 1.000 |" in ref_row and "x reference" in md
     rt = state.runtime
     assert (rt.backend, rt.variant, rt.model) == (chosen["backend"], chosen["name"], chosen["model"])
     assert state.precision == chosen["precision"] and state.onnx_path.suffix == ".onnx"

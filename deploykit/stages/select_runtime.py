@@ -14,7 +14,8 @@ Rules (``choose_runtime``, pure and tested on recorded numbers): a variant is el
 accuracy budget and is no slower than its FP32 counterpart at any timed batch size; the eligible one with
 the lowest score wins (score = geometric mean over batch sizes of latency / reference latency, or one
 batch size's latency). Latency relative to the reference is paired by round (``measure.Ratio``), not a ratio
-of medians: the shared machines change speed between rounds. ``force`` overrides the choice but the table still shows every number.
+of medians: the shared machines change speed between rounds. ``force`` overrides the choice but the table still
+shows every number.
 
 Example:
     >>> choose_runtime(rows, reference="onnxruntime-fp32")["chosen"]
