@@ -6,8 +6,8 @@ fine-tuning (speed does not depend on the weights' values); each pruned model ex
 it and run on OpenVINO INT8 (the chain's NNCF settings) and OpenVINO BF16 (where the CPU has native BF16), timed
 side by side with the peer (OpenVINO + NNCF INT8 of the original, defaults) and the unpruned original at batch 1 and
 32, alternating blocks. Speedup = the peer's latency / the variant's, paired by round (``deploykit.measure.Ratio``:
-the median of per-round ratios, so a machine that changes speed between rounds cancels). Accuracy is not here: it needs the fine-tuning
-(``bench/beat_the_peer.py``). Use it to pick the least pruning that reaches a speed goal: less pruning keeps more
+the median of per-round ratios, so a machine that changes speed between rounds cancels). Accuracy is not here: it
+needs the fine-tuning (``bench/beat_the_peer.py``). Use it to pick the least pruning that reaches a speed goal: less pruning keeps more
 accuracy.
 
 Usage:

@@ -203,15 +203,6 @@ class Ratio:
     interval: tuple[float, float]
     rounds: int
 
-    def inverse(self) -> "Ratio":
-        """``b`` / ``a``: a speedup of ``a`` over ``b`` from a latency ratio (the interval flips too)."""
-        lo, hi = self.interval
-        return Ratio(self.b, self.a, round(1.0 / self.value, 4), (round(1.0 / hi, 4), round(1.0 / lo, 4)),
-                     self.rounds)
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "interval": list(self.interval), "rounds": self.rounds}
-
 
 def _timed(fn: Callable, x, clock: str = "wall") -> tuple[float, float]:
     """(elapsed ms on ``clock`` — 'wall' or 'cuda' —, process CPU ms) of one call."""

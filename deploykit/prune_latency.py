@@ -157,15 +157,18 @@ class LatencyProbe:
         2-6% savings per block by wall time where a quiet run saw 7-15%); ``cpu`` always.
         """
         run = self._run(fns)
-        return {n: (rec.cpu_p50 if self.clock == "cpu" else rec.p50) for n, rec in run.records.items()}
+        return {n: self._median(rec) for n, rec in run.records.items()}
 
     def ratio(self, fn: Callable, base_fn: Callable) -> dict[str, float]:
         """``fn`` beside ``base_fn``: {"ratio": fn's latency / base_fn's, paired by round (``measure.Ratio``: a
         machine that changes speed between rounds cancels), "ms": fn's median, "base_ms": base_fn's median}."""
         run = self._run({"base": base_fn, "fn": fn})
-        pick = (lambda rec: rec.cpu_p50) if self.clock == "cpu" else (lambda rec: rec.p50)
-        return {"ratio": run.ratio("fn", "base", clock=self.clock).value, "ms": pick(run.records["fn"]),
-                "base_ms": pick(run.records["base"])}
+        return {"ratio": run.ratio("fn", "base", clock=self.clock).value, "ms": self._median(run.records["fn"]),
+                "base_ms": self._median(run.records["base"])}
+
+    def _median(self, rec) -> float:
+        """A record's median on the clock the last timing compared by."""
+        return rec.cpu_p50 if self.clock == "cpu" else rec.p50
 
     def _run(self, fns: dict[str, Callable]):
         from .gate import auto_clock

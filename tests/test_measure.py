@@ -132,8 +132,7 @@ def test_ratios_pair_blocks_of_the_same_round_so_a_machine_changing_speed_cancel
     # a round whose two blocks ran at one speed gives exactly 1.0 / 2.5; all but round 19 did
     ratio = run.ratio("pruned", "peer")
     assert (ratio.value, ratio.rounds) == (0.4, 39) and ratio.interval == (0.4, 0.4)
-    speedup = ratio.inverse()
-    assert (speedup.a, speedup.b, speedup.value, speedup.interval) == ("peer", "pruned", 2.5, (2.5, 2.5))
+    assert run.ratio("peer", "pruned").value == 2.5  # the speedup, paired the same way
 
 
 def test_ratio_pairs_only_rounds_both_were_timed_in():
