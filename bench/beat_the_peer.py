@@ -165,7 +165,7 @@ def run_model(name: str, args) -> list[dict]:
             "predicted_speedup_bs32": round(predicted, 3) if predicted else None,
             "measured_speedup_bs32_openvino_int8": round(same_rt, 3),
             "prediction_error": round(abs(predicted - same_rt) / same_rt, 3) if predicted else None,
-            "shipped": chosen, "macs_kept": facts["prune"]["macs_kept"], "prune_latency": {
+            "shipped": chosen, "shipped_by_batch": facts["select_runtime"].get("by_batch"), "macs_kept": facts["prune"]["macs_kept"], "prune_latency": {
                 k: lat.get(k) for k in ("target", "runtime", "batch_size", "clock", "cost", "measured_ratio",
                                         "predicted_ratio", "unit_ratios", "met")},
             "backed_off": art.report.get("backed_off", []), "compress_seconds": seconds,
@@ -188,7 +188,9 @@ def markdown(res: dict) -> str:
         kd = r["balance"] + (", KD balanced" if balanced_kd else "")
         when = f" (measured {r['measured'][:16].replace('T', ' ')})" if r.get("measured") else ""
         medians = "" if "speedup_interval" in r else " †"
-        lines.append(f"| {r['model']}{when} | {kd} | {r['shipped']} | {t['original']} / {t['peer']} / {t['ours']} "
+        routes = r.get("shipped_by_batch")
+        shipped = " / ".join(f"{k} {v}" for k, v in routes.items()) if routes else r["shipped"]
+        lines.append(f"| {r['model']}{when} | {kd} | {shipped} | {t['original']} / {t['peer']} / {t['ours']} "
                      f"| {f['original']} / {f['peer']} / {f['ours']} | {r['top1_drop']:+.2f} | "
                      f"{r['macro_f1_drop']:+.2f} | **{r['speedup_vs_peer_bs1']:.2f}x**{medians} | "
                      f"**{r['speedup_vs_peer_bs32']:.2f}x**{medians} | {r['predicted_speedup_bs32'] or '-'}x / "
@@ -202,7 +204,9 @@ def markdown(res: dict) -> str:
               "data's prior. "
               "Predicted = 1 / the pruned-to-unpruned latency ratio the prune stage measured on its OpenVINO INT8 "
               "probe at batch 32 before fine-tuning; measured = the peer / the artifact's own OpenVINO INT8 model "
-              "(the same runtime as the prediction, whatever shipped).", ""]
+              "(the same runtime as the prediction, whatever shipped). Shipped \"bs1 A / bs32 B\": the artifact "
+              "routes each batch to the runtime measured fastest at the nearest timed size "
+              "(`select_runtime` `objective: per_batch`).", ""]
     for r in res["rows"]:
         if "failed" in r:
             continue

@@ -243,11 +243,21 @@ class Artifact:
         return gpu_artifact_backend(rt)
 
     def backend(self, name: str | None = None, threads: int | None = None, **settings: Any):
-        """The artifact's model on its runtime here (``default_backend``), or on ``name`` (e.g. env DEPLOYKIT_BACKEND)."""
+        """The artifact's model on its runtime here (``default_backend``), or on ``name`` (e.g. env DEPLOYKIT_BACKEND).
+
+        An artifact that ships one runtime per batch size (``runtime.by_batch``) loads each and routes every batch
+        by its size (``deploykit.backends.batch_router``), unless a backend or settings are named."""
         from .backends import create_backend
 
         rt = self.runtime
         name, chosen = name or os.environ.get("DEPLOYKIT_BACKEND"), {}
+        if not name and not settings and rt.get("by_batch"):
+            from .backends.batch_router import BatchRouter, route_settings
+
+            routes = rt["by_batch"]
+            return BatchRouter({int(bs): create_backend(r["backend"], self.model_path(r["model"]), threads=threads,
+                                                        precision=r["precision"], **route_settings(r, routes))
+                                for bs, r in routes.items()})
         if not name:
             name, chosen = self.default_backend()
         merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}
@@ -263,8 +273,10 @@ class Artifact:
         """What serving reads: the model file(s) the runtime runs (an IR's .bin too) and preprocessing.json."""
         rt = self.runtime
         name = backend or self.default_backend()[0]
-        model = rt.get("files", {}).get(name) or rt["model"]
-        files = [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
+        models = [rt.get("files", {}).get(name) or rt["model"]]
+        if backend is None and not os.environ.get("DEPLOYKIT_BACKEND"):  # what Artifact.backend() routes to
+            models += [r["model"] for r in rt.get("by_batch", {}).values() if r["model"] not in models]
+        files = [f for m in models for f in ([m, str(Path(m).with_suffix(".bin"))] if m.endswith(".xml") else [m])]
         return [*files, PREPROCESSING, *([TTA_POLICY] if TTA_POLICY in self.manifest.get("files", {}) else [])]
 
     def check_served(self, backend: str | None = None) -> "Artifact":
@@ -324,7 +336,10 @@ def build_manifest(checkpoint, loaded, state, final: Path, lineage: list, workdi
         "runtime": {"backend": state.runtime.backend, "model": final.name, "precision": state.precision,
                     "settings": state.runtime.settings, "target": state.target,
                     # per-backend model files (Artifact.backend(name) / DEPLOYKIT_BACKEND) and the chosen variant
-                    **{k: v for k, v in asdict(state.runtime).items() if k in ("files", "variant") and v}},
+                    **{k: v for k, v in asdict(state.runtime).items() if k in ("files", "variant") and v},
+                    # timed batch size -> the variant serving it (Artifact.backend() routes batches by size)
+                    **({"by_batch": {str(bs): asdict(r) for bs, r in state.runtime.by_batch.items()}}
+                       if state.runtime.by_batch else {})},
         "files": files,
         "lineage": [{k: s[k] for k in ("name", "config", "seconds")} for s in lineage],
         "versions": versions(),

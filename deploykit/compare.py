@@ -47,7 +47,21 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
     settings = {k: v for k, v in state.runtime.settings.items() if k != "precision"}
     keys["compressed"] = (state.runtime.variant or "shipped", lambda: state.backend(
         state.runtime.backend, final, threads=ev.threads, precision=state.precision, **settings), final)
+    routes = state.runtime.by_batch
+    if routes:  # one runtime per batch size: each batch size is the variant routed to it (Artifact.backend())
+        from .backends.batch_router import BatchRouter, nearest_batch
+
+        def route(bs: int) -> str:
+            return routes[nearest_batch(routes, bs)].variant
+
+        keys["compressed"] = (route(recipe.data.batch_size), lambda: BatchRouter({
+            bs: cached.get(r.variant) or state.backend(r.backend, state.workdir / r.model, threads=ev.threads,
+                                                       precision=r.precision, **r.settings)
+            for bs, r in routes.items()}), final)
     names = {key: name for key, (name, _, _) in keys.items()}
+
+    def timed_name(key: str, bs: int) -> str:
+        return route(bs) if routes and key == "compressed" else names[key]
     backends = {key: cached[name] if name in cached else make() for key, (name, make, _) in keys.items()}
 
     # Accuracy: one pass over shared batches for whatever select_runtime did not already evaluate on these inputs.
@@ -87,9 +101,9 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
     for bs in ev.latency_batch_sizes:
         run = measured.timings.get(bs) if measured is not None else None
         for key in keys:
-            if run is not None and names[key] in run.records:
-                records[key][bs] = run.records[names[key]]
-                runs.setdefault(bs, {})[key] = (run, names[key])
+            if run is not None and timed_name(key, bs) in run.records:
+                records[key][bs] = run.records[timed_name(key, bs)]
+                runs.setdefault(bs, {})[key] = (run, timed_name(key, bs))
             else:
                 missing.setdefault(bs, []).append(key)
     for bs, todo_keys in missing.items():

@@ -95,6 +95,58 @@ def test_objective_also_decides_which_batch_sizes_must_pay():
     assert choose_runtime(rows, objective="latency")["chosen"] == "onnxruntime-fp32"
 
 
+# Recorded on the AMX Xeon (2 threads): the 64x64 ResNet-10-T pruned to 0.42x, ms at bs1 / bs32, side by side.
+# ONNX Runtime's per-call cost is the lower one, OpenVINO's INT8 kernels the faster ones on a batch.
+PRUNED_RESNET = [
+    row("onnxruntime-fp32", None, 0.62, 19.6),
+    row("onnxruntime-int8", "onnxruntime-fp32", 0.41, 7.73),
+    row("openvino-fp32", "onnxruntime-fp32", 0.74, 12.5),
+    row("openvino-int8", "openvino-fp32", 0.81, 6.42),
+    row("openvino-qdq", "openvino-fp32", 0.94, 6.58),
+]
+
+
+def test_per_batch_routes_each_size_to_its_fastest_variant():
+    d = choose_runtime(PRUNED_RESNET, objective="per_batch")
+    assert d["by_batch"] == {"bs1": "onnxruntime-int8", "bs32": "openvino-int8"}
+    assert d["chosen"] == "openvino-int8"  # the largest size's: what a single-runtime consumer gets
+    assert d["reason"] == ("the fastest eligible variant at each batch size: bs1 onnxruntime-int8 0.41 ms (1.51x "
+                           "onnxruntime-fp32), bs32 openvino-int8 6.42 ms (3.05x onnxruntime-fp32)")
+    # OpenVINO INT8 loses to OpenVINO FP32 at bs1: it may serve only the size where it pays
+    assert d["verdicts"]["openvino-int8"].startswith("eligible at bs32 only (slower than its FP32 counterpart "
+                                                     "openvino-fp32 at bs1 (0.81 vs 0.74 ms, 1.09x its time))")
+    # a single-runtime objective gives up one size: balanced ships ONNX Runtime INT8 (1.20x OpenVINO's bs32 time),
+    # and rules OpenVINO INT8 out altogether
+    balanced = choose_runtime(PRUNED_RESNET)
+    assert balanced["chosen"] == "onnxruntime-int8" and "by_batch" not in balanced
+    assert balanced["verdicts"]["openvino-int8"].endswith("did not pay")
+
+
+def test_per_batch_keeps_one_runtime_unless_a_second_earns_its_place():
+    rows = copy.deepcopy(PRUNED_RESNET)
+    rows[1]["latency_ms"]["bs1"] = 0.82 * 0.97  # 3% faster than the bs32 winner at bs1 ...
+    rows[3]["latency_ms"]["bs1"] = 0.82         # ... which now pays at bs1 as well
+    rows[0]["latency_ms"]["bs1"] = rows[2]["latency_ms"]["bs1"] = 0.90
+    d = choose_runtime(rows, objective="per_batch")
+    assert "by_batch" not in d and d["chosen"] == "openvino-int8"
+    assert d["reason"].startswith("fastest eligible at every batch size (within 5%): bs1 openvino-int8 0.82 ms")
+    # ... but with a tie of 1% the second runtime is worth it
+    assert choose_runtime(rows, objective="per_batch", tie=0.01)["by_batch"]["bs1"] == "onnxruntime-int8"
+    # a variant outside the accuracy budget serves no size, however fast
+    rows = copy.deepcopy(PRUNED_RESNET)
+    rows[1]["meets_budget"] = False
+    d = choose_runtime(rows, objective="per_batch")
+    assert d["by_batch"] == {"bs1": "onnxruntime-fp32", "bs32": "openvino-int8"}
+
+
+def test_forced_routes_are_shipped_and_flagged_when_outside_the_rules():
+    d = choose_runtime(PRUNED_RESNET, force_by_batch={32: "openvino-qdq", 1: "openvino-int8"})
+    assert d["by_batch"] == {"bs1": "openvino-int8", "bs32": "openvino-qdq"} and d["chosen"] == "openvino-qdq"
+    assert "WARNING: openvino-int8 is slower than its FP32 counterpart" in d["reason"]
+    with pytest.raises(RecipeError, match="tensorrt-int8"):
+        choose_runtime(PRUNED_RESNET, force_by_batch={1: "tensorrt-int8"})
+
+
 def test_honours_an_override_and_says_when_it_is_outside_the_rules():
     d = choose_runtime(RESNET50, force="onnxruntime-fp32")
     assert d["chosen"] == "onnxruntime-fp32" and d["reason"] == "forced by the recipe (force: onnxruntime-fp32)"

@@ -109,7 +109,7 @@ class OnnxRuntimeBackend(Backend):
         return (check_onnxruntime, check_onnxruntime_gpu)
 
     def __init__(self, model: str | Path, threads: int | None = None, precision: str = "fp32",
-                 providers: list[str] | None = None, device: str = "cpu"):
+                 providers: list[str] | None = None, device: str = "cpu", spinning: bool = True):
         import onnxruntime as ort
 
         super().__init__(precision)
@@ -122,6 +122,11 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # spinning: idle workers keep polling after a call (faster next call: ResNet-10-T INT8 bs1 0.31 vs 0.37 ms)
+        # but hold the cores meanwhile; off where another runtime shares the process (BatchRouter)
+        self.spinning = spinning
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.provider_reason = "providers given by the caller"
         if providers is None:
             providers, self.provider_reason = select_providers(device, available_providers())
@@ -139,4 +144,4 @@ class OnnxRuntimeBackend(Backend):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "version": self.version, "threads": self.threads,
                 "providers": self.session.get_providers(), "provider_reason": self.provider_reason,
-                "model": self.path.name}
+                "model": self.path.name, "spinning": self.spinning}

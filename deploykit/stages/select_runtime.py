@@ -34,13 +34,14 @@ from ..errors import DeployKitError, RecipeError
 from .config import StageConfig
 from ..variants import REFERENCE
 from .base import PipelineState, RuntimeCandidate, RuntimeChoice, Stage, register
-from .state import Measurements
+from .state import Measurements, Route
 
 TORCH = "torch-eager-fp32"  # timed beside the candidates as a baseline; never a candidate itself
+OBJECTIVES = ("balanced", "latency", "throughput", "per_batch")
 
 
 def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: str = "balanced",
-                   force: str | None = None) -> dict:
+                   force: str | None = None, tie: float = 0.05, force_by_batch: dict[int, str] | None = None) -> dict:
     """Choose among measured candidates; pure function of the numbers in ``rows``.
 
     Args:
@@ -49,10 +50,16 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
             the reference's, paired by round (``measure.Ratio``)}); without it the medians' ratio is used.
         reference: the row every score is relative to (ONNX Runtime FP32).
         objective: "balanced" (geometric mean over batch sizes of latency / reference; a variant must beat its
-            FP32 counterpart at every size), "latency" (smallest batch only), "throughput" (largest batch only).
+            FP32 counterpart at every size), "latency" (smallest batch only), "throughput" (largest batch only),
+            "per_batch" (the fastest eligible variant at each batch size, each only where it beats its
+            counterpart: ``by_batch`` names one per size, ``chosen`` is the largest size's).
         force: a row name to ship whatever the numbers say.
+        tie: per_batch ships one variant unless another is faster at some size by more than this fraction (a
+            second runtime has to earn its memory and load time).
+        force_by_batch: {batch size: row name} to route whatever the numbers say (``chosen`` = the largest size's).
     Returns:
-        {"chosen": name, "reason": str, "verdicts": {name: "eligible" | why not}, "scores": {name: float}}.
+        {"chosen": name, "reason": str, "verdicts": {name: "eligible" | why not}, "scores": {name: float}}, plus
+        "by_batch" ({"bs1": name, ...}) for per_batch when the sizes are served by different variants.
 
     Example:
         >>> choose_runtime([{"name": "onnxruntime-fp32", "counterpart": None, "meets_budget": True,
@@ -62,8 +69,8 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
     by_name = {r["name"]: r for r in rows}
     if reference not in by_name:
         raise ValueError(f"reference {reference!r} was not measured (have {sorted(by_name)})")
-    if objective not in ("balanced", "latency", "throughput"):
-        raise ValueError(f"objective {objective!r} not one of balanced, latency, throughput")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} not one of {', '.join(OBJECTIVES)}")
     ref = by_name[reference]["latency_ms"]
     keys = sorted(ref, key=lambda k: int(k[2:]))  # "bs1" < "bs32"
 
@@ -78,38 +85,54 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
     elif objective == "throughput":
         keys = keys[-1:]
 
-    scores, verdicts = {}, {}
+    scores, verdicts, usable = {}, {}, {}
     for r in rows:
         lat = r["latency_ms"]
         scores[r["name"]] = round(math.exp(sum(math.log(rel(r, k)) for k in keys) / len(keys)), 4)
         cp = by_name.get(r["counterpart"]) if r.get("counterpart") else None
         # "did not pay" is judged on the batch sizes the objective counts: a batch-32 service does not care
-        # that OpenVINO loses at batch 1 (balanced counts every measured size, so it must win at each)
-        judged = lat if objective == "balanced" else keys
+        # that OpenVINO loses at batch 1 (balanced counts every measured size, so it must win at each; per_batch
+        # serves a variant only at the sizes where it wins)
+        judged = keys if objective in ("latency", "throughput") else sorted(lat, key=lambda k: int(k[2:]))
         slower = [k for k in judged if cp is not None and k in cp["latency_ms"] and rel(r, k) > rel(cp, k)]
+        partial = objective == "per_batch"  # the others ship one variant for every size: it must win at each
+        usable[r["name"]] = ([k for k in keys if k not in slower] if r["meets_budget"] and (partial or not slower)
+                             else [])
+        why_slower = (f"slower than its FP32 counterpart {cp['name']} at "
+                      + ", ".join(f"{k} ({lat[k]:.2f} vs {cp['latency_ms'][k]:.2f} ms, "
+                                  f"{rel(r, k) / rel(cp, k):.2f}x its time)" for k in slower)) if slower else ""
         if not r["meets_budget"]:
             note = f" ({r['budget_note']})" if r.get("budget_note") else ""
             verdicts[r["name"]] = "outside the accuracy budget" + note
-        elif slower:
-            verdicts[r["name"]] = (f"slower than its FP32 counterpart {cp['name']} at "
-                                   + ", ".join(f"{k} ({lat[k]:.2f} vs {cp['latency_ms'][k]:.2f} ms, "
-                                               f"{rel(r, k) / rel(cp, k):.2f}x its time)" for k in slower)
-                                   + ": did not pay")
+        elif not usable[r["name"]]:
+            verdicts[r["name"]] = why_slower + ": did not pay"
+        elif slower:  # per_batch only: it may serve the sizes where it wins
+            verdicts[r["name"]] = f"eligible at {', '.join(usable[r['name']])} only ({why_slower})"
         else:
             verdicts[r["name"]] = "eligible"
 
-    if force is not None:
-        if force not in by_name:
-            raise RecipeError(f"select_runtime force={force!r} is not among the measured candidates {sorted(by_name)}",
+    for forced in ([force] if force is not None else []) + list((force_by_batch or {}).values()):
+        if forced not in by_name:
+            raise RecipeError(f"select_runtime force={forced!r} is not among the measured candidates "
+                              f"{sorted(by_name)}",
                               fix="pick one of those names, or build its model with the stage that makes it")
+    if force is not None:
         note = "" if verdicts[force] == "eligible" else f"; WARNING: it is {verdicts[force]}"
         return {"chosen": force, "reason": f"forced by the recipe (force: {force}){note}", "verdicts": verdicts,
                 "scores": scores}
+    if force_by_batch:
+        by_batch = {f"bs{bs}": n for bs, n in sorted(force_by_batch.items())}
+        notes = "".join(f"; WARNING: {n} is {verdicts[n]}" for n in dict.fromkeys(by_batch.values())
+                        if verdicts[n] != "eligible")
+        return {"chosen": by_batch[max(by_batch, key=lambda k: int(k[2:]))], "verdicts": verdicts, "scores": scores,
+                "reason": f"forced by the recipe (force_by_batch: {by_batch}){notes}", "by_batch": by_batch}
 
-    eligible = [r["name"] for r in rows if verdicts[r["name"]] == "eligible"]
+    eligible = [r["name"] for r in rows if usable[r["name"]]]
     if not eligible:  # the reference itself failed the budget: nothing safe to choose but the float reference
         return {"chosen": reference, "reason": "no candidate met the budget; shipping the FP32 reference",
                 "verdicts": verdicts, "scores": scores}
+    if objective == "per_batch":
+        return _per_batch_choice(by_name, eligible, usable, keys, rel, reference, tie, verdicts, scores)
     # min() keeps the first of equal scores, and rows come simplest-first, so a tie goes to the simpler variant
     best = min(eligible, key=lambda n: scores[n])
     what = {"balanced": f"geometric-mean latency over {', '.join(keys)}", "latency": f"{keys[0]} latency",
@@ -118,6 +141,26 @@ def choose_runtime(rows: list[dict], *, reference: str = REFERENCE, objective: s
                       f"{reference})" for k in sorted(by_name[best]["latency_ms"], key=lambda k: int(k[2:])))
     return {"chosen": best, "reason": f"fastest of {len(eligible)} eligible variants by {what}: {speed}",
             "verdicts": verdicts, "scores": scores}
+
+
+def _per_batch_choice(by_name: dict, eligible: list[str], usable: dict, keys: list[str], rel, reference: str,
+                      tie: float, verdicts: dict, scores: dict) -> dict:
+    """per_batch: the fastest usable variant at each size; one variant for all sizes unless another is faster by
+    more than ``tie`` somewhere (the largest size's winner is the one kept, the others are measured against it)."""
+    fastest = {k: min((n for n in eligible if k in usable[n]), key=lambda n: rel(by_name[n], k), default=None)
+               for k in keys}
+    main = fastest[keys[-1]] or min(eligible, key=lambda n: scores[n])
+    by_batch = {}
+    for k in keys:
+        keep = k in usable[main] and rel(by_name[main], k) <= (1 + tie) * rel(by_name[fastest[k]], k)
+        by_batch[k] = main if fastest[k] is None or keep else fastest[k]
+    speed = ", ".join(f"{k} {n} {by_name[n]['latency_ms'][k]:.2f} ms ({1 / rel(by_name[n], k):.2f}x {reference})"
+                      for k, n in by_batch.items())
+    routed = len(set(by_batch.values())) > 1
+    what = "the fastest eligible variant at each batch size" if routed else \
+        f"fastest eligible at every batch size (within {tie:.0%})"
+    return {"chosen": main, "reason": f"{what}: {speed}", "verdicts": verdicts, "scores": scores,
+            **({"by_batch": by_batch} if routed else {})}
 
 
 def budget_notes(fid: dict, top1_drop: float | None, *, retrained: bool, min_top1_agreement: float,
@@ -205,7 +248,13 @@ class SelectRuntime(Stage):
         candidates: list[str] | None = Field(None, description="runtime variants to measure (deploykit.variants); "
                                                                  "None = every variant whose model exists")
         force: str | None = Field(None, description="ship this runtime variant whatever the measurements say")
-        objective: Literal["balanced", "latency", "throughput"] = "balanced"
+        force_by_batch: dict[int, str] | None = Field(None, description="route these batch sizes to these runtime "
+                                                                        "variants whatever the measurements say")
+        objective: Literal["balanced", "latency", "throughput", "per_batch"] = Field(
+            "balanced", description="balanced: one runtime, geometric mean over batch sizes; latency / throughput: "
+                                    "one runtime, the smallest / largest batch size; per_batch: the fastest at each "
+                                    "batch size, served by the artifact's batch router (deploykit.backends."
+                                    "batch_router)")
         bf16: Literal["auto", "always", "never"] = Field("auto",
                                                          description="auto: a candidate only where the CPU has BF16")
         max_top1_drop: float = Field(0.5, ge=0, description="points of top-1 below the original allowed (with --data)")
@@ -249,6 +298,14 @@ class SelectRuntime(Stage):
         @classmethod
         def _force_known(cls, v):
             return v if v is None else _known_variants([v])[0]
+
+        @field_validator("force_by_batch")
+        @classmethod
+        def _routes_known(cls, v):
+            if v is not None and (not v or min(v) < 1):
+                raise ValueError("force_by_batch maps batch sizes >= 1 to runtime variants, e.g. "
+                                 "{1: onnxruntime-int8, 32: openvino-int8}")
+            return v if v is None else dict(zip(v, _known_variants(list(v.values()))))
 
     def run(self, state: PipelineState) -> dict:
         from ..evaluate import classification_metrics, fidelity
@@ -360,16 +417,19 @@ class SelectRuntime(Stage):
         # so each pass either confirms the fastest or rules it out).
         while True:
             rows = [row_for(cand) for cand in cands]
-            decision = choose_runtime(rows, objective=c.objective, force=c.force)
-            if decision["chosen"] in out:
+            decision = choose_runtime(rows, objective=c.objective, force=c.force, tie=c.decide_within,
+                                      force_by_batch=c.force_by_batch)
+            shipped = {decision["chosen"], *decision.get("by_batch", {}).values()}
+            if shipped <= out.keys():
                 break
-            evaluate([decision["chosen"]])
+            evaluate(sorted(shipped - out.keys()))
         for row in rows:
             row["verdict"] = decision["verdicts"][row["name"]]
             if not row["evaluated"] and row["verdict"] == "eligible":
                 row["verdict"] = "not evaluated: a faster candidate met the accuracy budget"
             row["score"] = decision["scores"][row["name"]]
-        miss = chain_budget_miss(rows, decision) if against == TORCH and c.force is None else None
+        forced = c.force is not None or c.force_by_batch
+        miss = chain_budget_miss(rows, decision) if against == TORCH and not forced else None
         if miss is not None:
             err = ChainBudgetMissed(
                 f"the compressed model is outside the accuracy budget against the original, even in float "
@@ -379,14 +439,17 @@ class SelectRuntime(Stage):
             err.near_miss = near_miss(next(r for r in rows if r["name"] == REFERENCE), c.max_top1_drop,
                                       c.max_macro_f1_drop)
             raise err
-        chosen = next(cand for cand in cands if cand.name == decision["chosen"])
+        by_name = {cand.name: cand for cand in cands}
+        chosen = by_name[decision["chosen"]]
         reason = decision["reason"]
         if state.withheld:  # models that failed their own stage's fidelity check never became candidates
             reason += "; not candidates: " + "; ".join(f"{k} ({why})" for k, why in state.withheld.items())
-        self._apply(state, chosen, rows)
+        by_batch = {int(k[2:]): by_name[n] for k, n in decision.get("by_batch", {}).items()}
+        self._apply(state, chosen, rows, by_batch)
         state.measured = Measurements(backends=backends, logits=out, labels=labels, timings=timings)
         state.log(f"select_runtime: {chosen.name} ({reason})")
         return {"chosen": chosen.name, "reason": reason, "withheld": dict(state.withheld), "cannot_run": cannot_run,
+                **({"by_batch": decision["by_batch"]} if by_batch else {}),
                 "objective": c.objective,
                 "drops_vs": "original" if against == TORCH else "fp32 export",
                 "budget": {"max_top1_drop": c.max_top1_drop, "max_macro_f1_drop": c.max_macro_f1_drop,
@@ -400,8 +463,10 @@ class SelectRuntime(Stage):
                 "int8_paid": _int8_paid(rows)}
 
     @staticmethod
-    def _apply(state: PipelineState, chosen: RuntimeCandidate, rows: list[dict]) -> None:
-        """Record the choice. ``runtime.model`` names the file to ship; ``onnx_path`` stays an ONNX file."""
+    def _apply(state: PipelineState, chosen: RuntimeCandidate, rows: list[dict],
+               by_batch: dict[int, RuntimeCandidate]) -> None:
+        """Record the choice. ``runtime.model`` names the file to ship; ``onnx_path`` stays an ONNX file;
+        ``runtime.by_batch`` the variant each timed batch size is routed to (empty: one runtime for all)."""
         from .quantize_openvino import model_files
 
         v = chosen.variant
@@ -410,8 +475,12 @@ class SelectRuntime(Stage):
         ort = [r for r in rows if r["backend"] == "onnxruntime" and r["verdict"] == "eligible"]
         if v.backend != "onnxruntime" and ort:
             files["onnxruntime"] = min(ort, key=lambda r: r["score"])["model"]
+        routes = {bs: Route(variant=c.name, backend=c.variant.backend, model=c.path.name,
+                            precision=c.variant.precision, settings=dict(c.variant.settings),
+                            model_files=model_files(c.path)) for bs, c in by_batch.items()}
         state.runtime = RuntimeChoice(backend=v.backend, settings=dict(v.settings), model=chosen.path.name,
-                                      variant=chosen.name, files=files, model_files=model_files(chosen.path))
+                                      variant=chosen.name, files=files, model_files=model_files(chosen.path),
+                                      by_batch=routes)
         state.precision = v.precision
         if chosen.path.suffix == ".onnx":
             state.onnx_path = chosen.path

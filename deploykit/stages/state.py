@@ -22,12 +22,26 @@ from ..variants import ModelKind, RuntimeVariant
 
 
 @dataclass
+class Route:
+    """One runtime variant serving the batch sizes nearest its timed one (``RuntimeChoice.by_batch``)."""
+
+    variant: str
+    backend: str
+    model: str
+    precision: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_files: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RuntimeChoice:
     """What the artifact ships: which backend runs which file, with which settings.
 
     ``model`` None means "the latest ONNX" (``model.onnx``). ``files`` maps other backends to a file they can
     run (``DEPLOYKIT_BACKEND`` overrides at serving time); ``model_files`` are the files that make up ``model``
-    (an OpenVINO IR is its .xml and .bin).
+    (an OpenVINO IR is its .xml and .bin). ``by_batch`` maps timed batch sizes to the variant measured fastest
+    there when that is not one variant for all (select_runtime ``objective: per_batch``); ``backend`` / ``model``
+    are then the largest size's.
     """
 
     backend: str = "onnxruntime"
@@ -36,6 +50,7 @@ class RuntimeChoice:
     variant: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     model_files: list[str] = field(default_factory=list)
+    by_batch: dict[int, Route] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
