@@ -30,8 +30,8 @@ def routed(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("routed")
     save_tiny_checkpoint(d / "tiny.pth")
-    art = compress(d / "tiny.pth", "int8-ptq", out=d / "tiny.deploykit", eval__enabled=False,
-                   stages__select_runtime__rounds=2, stages__select_runtime__time_torch=False,
+    art = compress(d / "tiny.pth", "int8-ptq", out=d / "tiny.deploykit", data__name="fashion-mnist",
+                   data__eval_images=100, stages__select_runtime__rounds=2, stages__select_runtime__time_torch=False,
                    stages__select_runtime__force_by_batch={1: "onnxruntime-int8", 32: "openvino-fp32"})
     return art
 
@@ -72,3 +72,15 @@ def test_serving_checks_every_routed_model(routed, tmp_path, monkeypatch):
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="model.int8.onnx no longer matches"):
         art.check_served()
+
+
+def test_the_report_times_each_batch_size_on_its_route(routed):
+    """The report's compressed model is the router: its batch-1 latency is select_runtime's record of the batch-1
+    route, its batch-32 latency that of the batch-32 route (the same records, so the same numbers)."""
+    rep = routed.report
+    cands = {c["name"]: c for c in rep["stage_facts"]["select_runtime"]["candidates"]}
+    got = rep["models"]["compressed"]
+    assert got["backend"] == "by-batch"
+    assert got["latency_ms"]["bs1_p50"] == cands["onnxruntime-int8"]["latency_ms"]["bs1"]
+    assert got["latency_ms"]["bs32_p50"] == cands["openvino-fp32"]["latency_ms"]["bs32"]
+    assert got["top1"] == cands["openvino-fp32"]["top1"]  # evaluation batches (64) go to the batch-32 route
