@@ -286,6 +286,16 @@ def discover_variants(artifact, backends=None, threads: int | None = None) -> tu
         v.deployed = (v.backend, v.model_file) == deployed and v.name.split("/")[0] == v.backend
         if v.model_file == TORCH_MODEL:  # one file, several precisions: the deployed one is the recorded precision
             v.deployed = v.deployed and v.precision == final_precision
+    routes = art.runtime.get("by_batch")
+    if routes:  # one runtime per batch size: what ships is the router over them (Artifact.backend())
+        for v in variants:
+            v.deployed = False
+        models = dict.fromkeys(r["model"] for r in routes.values())
+        variants.append(BenchVariant(
+            name="by-batch", backend="by-batch", precision="+".join(sorted({r["precision"] for r in routes.values()})),
+            make=lambda: art.backend(threads=threads), model_file=art.runtime["model"], deployed=True,
+            size_mb=round(sum(file_size_mb(art.path / m) for m in models), 3),
+            notes=["routes: " + ", ".join(f"bs{bs} {r['variant']}" for bs, r in routes.items())]))
     # GPU backends (and GPU modes of CPU backends, e.g. onnxruntime-cuda): the deployed model, or the artifact's
     # ONNX model (always the final model in ONNX form) for a runtime that cannot read the deployed file
     for name in names:

@@ -84,3 +84,13 @@ def test_the_report_times_each_batch_size_on_its_route(routed):
     assert got["latency_ms"]["bs1_p50"] == cands["onnxruntime-int8"]["latency_ms"]["bs1"]
     assert got["latency_ms"]["bs32_p50"] == cands["openvino-fp32"]["latency_ms"]["bs32"]
     assert got["top1"] == cands["openvino-fp32"]["top1"]  # evaluation batches (64) go to the batch-32 route
+
+
+def test_bench_times_the_router_as_the_deployed_model(routed):
+    from deploykit.benchmark import discover_variants
+
+    variants, _ = discover_variants(routed.path, ["onnxruntime"], threads=1)
+    deployed = [v for v in variants if v.deployed]
+    assert [v.name for v in deployed] == ["by-batch"]
+    assert deployed[0].notes == ["routes: bs1 onnxruntime-int8, bs32 openvino-fp32"]
+    assert isinstance(deployed[0].make(), BatchRouter)
