@@ -3,7 +3,9 @@
 For each model, in one process on one machine:
   * the original, FP32 (PyTorch), accuracy only;
   * the peer: the original exported as deploykit exports it (static pads, BN folded: the strongest FP32 graph),
-    quantized by ``nncf.quantize`` with its defaults on the same calibration images, run on OpenVINO;
+    quantized by ``nncf.quantize`` with its defaults on the same calibration images, run on OpenVINO; and a second
+    peer, the same export quantized by ONNX Runtime's ``quantize_static`` defaults, run on ONNX Runtime (faster
+    than the first at batch 1 on some CPUs);
   * deploykit: ``deploykit compress CKPT --target-latency T`` (recipe ``prune-latency-int8``: prune to a latency
     measured on OpenVINO INT8, KD from the original, INT8 for ONNX Runtime and OpenVINO, the runtime chosen by
     measurement under one accuracy budget against the original), once per ``--balance`` setting.
@@ -71,6 +73,15 @@ def build_peer(ckpt: Path, pre, calibration: np.ndarray, work: Path) -> Path:
     return nncf_default(fp32, work / "peer.nncf.xml", calibration)
 
 
+def build_ort_peer(ckpt: Path, pre, calibration: np.ndarray, work: Path) -> Path:
+    """The second peer: the same FP32 export quantized by ONNX Runtime's ``quantize_static`` with its defaults, run
+    on ONNX Runtime. At batch 1 ONNX Runtime's smaller cost per call can make it the faster peer."""
+    from peers import original_fp32_onnx, ort_default
+
+    fp32 = original_fp32_onnx(ckpt, pre.input_size, work / "original.fp32.onnx")
+    return ort_default(fp32, work / "peer.ort.int8.onnx", calibration)
+
+
 def compress_ours(name: str, ckpt: Path, data: str, target: str, epochs: int, train_images: int, balance: str,
                   args, work: Path):
     from rich.console import Console
@@ -122,27 +133,31 @@ def run_model(name: str, args) -> list[dict]:
         pre = art.preprocessing
         data = resolve_data(DataConfig(name=data_name, eval_images=args.eval_images,
                                        calibration_images=args.calibration_images))
-        peer_path = work / "peer.nncf.xml"
-        if not (args.reuse and peer_path.exists()):
+        peer_path, ort_peer_path = work / "peer.nncf.xml", work / "peer.ort.int8.onnx"
+        if not (args.reuse and peer_path.exists() and ort_peer_path.exists()):
             calib = data.calibration.load(pre, np.arange(min(args.calibration_images, len(data.calibration))))
             build_peer(ckpt, pre, calib, work)
+            build_ort_peer(ckpt, pre, calib, work)
         peer = create_backend("openvino", peer_path, precision="int8")
+        ort_peer = create_backend("onnxruntime", ort_peer_path, precision="int8")
         ours = art.backend()
         original = create_backend("torch", load_checkpoint(ckpt).model.eval())
         n = len(pre.class_names)
         acc = {k: classification_metrics(predict(b, data.eval, pre), data.eval.labels, n)
-               for k, b in (("original", original), ("peer", peer), ("ours", ours))}
+               for k, b in (("original", original), ("peer", peer), ("peer_ort", ort_peer), ("ours", ours))}
         # the pruned model on the runtime the prune stage predicted for (OpenVINO INT8), beside the shipped one:
         # the prediction is checked on like for like, whatever runtime select_runtime shipped
         probe_rt = create_backend("openvino", art.path / "model.ov.xml", precision="int8")
         timing, ratios = {}, {}
         for bs in (1, 32):
             x = data.eval.load(pre, np.arange(bs))
-            run = time_variants({"peer": peer.run, "ours": ours.run, "ours_openvino_int8": probe_rt.run}, x,
+            run = time_variants({"peer": peer.run, "peer_ort": ort_peer.run, "ours": ours.run,
+                                 "ours_openvino_int8": probe_rt.run}, x,
                                 max_rounds=args.rounds, min_rounds=6, eliminate=False, time_budget_s=40.0)
             timing[bs] = {k: rec.to_dict() for k, rec in run.records.items()}
             # speedups paired by round (deploykit.measure.Ratio): the machine changes speed between rounds
             ratios[bs] = {k: run.ratio("peer", k) for k in ("ours", "ours_openvino_int8")}
+            ratios[bs]["ours_vs_ort_peer"] = run.ratio("peer_ort", "ours")
         facts = art.report["stage_facts"]
         lat = facts["prune"].get("latency") or {}
         speed = {bs: ratios[bs]["ours"].value for bs in (1, 32)}
@@ -160,6 +175,7 @@ def run_model(name: str, args) -> list[dict]:
             "peer_top1_drop": round(acc["original"]["top1"] - acc["peer"]["top1"], 2),
             "speedup_vs_peer_bs1": round(speed[1], 3), "speedup_vs_peer_bs32": round(speed[32], 3),
             "speedup_interval": {f"bs{bs}": list(ratios[bs]["ours"].interval) for bs in (1, 32)},
+            "speedup_vs_ort_peer": {f"bs{bs}": round(ratios[bs]["ours_vs_ort_peer"].value, 3) for bs in (1, 32)},
             "latency_ms": {f"bs{bs}": {k: {m: t[k][m] for m in ("p50", "p50_interval", "runs")}
                                        for k in t} for bs, t in timing.items()},
             "predicted_speedup_bs32": round(predicted, 3) if predicted else None,
@@ -218,6 +234,9 @@ def markdown(res: dict) -> str:
                      f" ms vs ours {r['latency_ms']['bs1']['ours']['p50']:.3f} ms, bs32 "
                      f"{r['latency_ms']['bs32']['peer']['p50']:.3f} vs {r['latency_ms']['bs32']['ours']['p50']:.3f}"
                      f" ms; compress {r['compress_seconds']:.0f} s"
+                     + (f"; vs the ONNX Runtime peer (quantize_static defaults, top-1 {r['top1']['peer_ort']}): "
+                        f"{r['speedup_vs_ort_peer']['bs1']:.2f}x bs1, {r['speedup_vs_ort_peer']['bs32']:.2f}x bs32"
+                        if "speedup_vs_ort_peer" in r else "")
                      + (f"; backed off: {r['backed_off']}" if r["backed_off"] else ""))
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,7 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
 
     def timed_name(key: str, bs: int) -> str:
         return route(bs) if routes and key == "compressed" else names[key]
+
     backends = {key: cached[name] if name in cached and not (routes and key == "compressed") else make()
                 for key, (name, make, _) in keys.items()}  # a router is built over the cached sessions
 

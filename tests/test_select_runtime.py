@@ -137,6 +137,13 @@ def test_per_batch_keeps_one_runtime_unless_a_second_earns_its_place():
     rows[1]["meets_budget"] = False
     d = choose_runtime(rows, objective="per_batch")
     assert d["by_batch"] == {"bs1": "onnxruntime-fp32", "bs32": "openvino-int8"}
+    # no variant is usable at batch 1 (the floats miss the budget, OV INT8 loses to its counterpart there): the
+    # largest size's winner serves every size
+    rows = [row("onnxruntime-fp32", None, 0.5, 19.6, ok=False),
+            row("openvino-fp32", "onnxruntime-fp32", 0.74, 12.5, ok=False),
+            row("openvino-int8", "openvino-fp32", 0.81, 6.42)]
+    d = choose_runtime(rows, objective="per_batch")
+    assert d["chosen"] == "openvino-int8" and "by_batch" not in d
 
 
 def test_forced_routes_are_shipped_and_flagged_when_outside_the_rules():

@@ -152,8 +152,9 @@ def _per_batch_choice(by_name: dict, eligible: list[str], usable: dict, keys: li
     main = fastest[keys[-1]] or min(eligible, key=lambda n: scores[n])
     by_batch = {}
     for k in keys:
-        keep = k in usable[main] and rel(by_name[main], k) <= (1 + tie) * rel(by_name[fastest[k]], k)
-        by_batch[k] = main if fastest[k] is None or keep else fastest[k]
+        best = fastest[k]
+        keep = best is None or (k in usable[main] and rel(by_name[main], k) <= (1 + tie) * rel(by_name[best], k))
+        by_batch[k] = main if keep else best
     speed = ", ".join(f"{k} {n} {by_name[n]['latency_ms'][k]:.2f} ms ({1 / rel(by_name[n], k):.2f}x {reference})"
                       for k, n in by_batch.items())
     routed = len(set(by_batch.values())) > 1
