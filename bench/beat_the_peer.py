@@ -61,6 +61,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=16, help="most timing rounds per batch size")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deploykit-beat-the-peer"))
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts already built under --work")
+    ap.add_argument("--replay-plan", action="store_true",
+                    help="recompress each row with the pruning plan its artifact under --work recorded (prune.plan: "
+                         "the same pruned model, so its cached distillation resumes); every later stage re-runs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return ap.parse_args(argv)
 
@@ -93,6 +96,10 @@ def compress_ours(name: str, ckpt: Path, data: str, target: str, epochs: int, tr
     out = work / f"{name}_{balance}.deploykit"
     if args.reuse and (out / "report.json").exists():
         return Artifact.open(out), None  # its compress time is its report's
+    plan = {}
+    if args.replay_plan and (out / "report.json").exists():
+        recorded = (Artifact.open(out).report["stage_facts"]["prune"].get("latency") or {}).get("unit_ratios")
+        plan = {"stages__prune__plan": recorded} if recorded else {}
     try:
         compress(ckpt, "prune-latency-int8", out=out, overwrite=True, console=Console(stderr=True),
                  data__name=data, data__eval_images=args.eval_images,
@@ -101,7 +108,7 @@ def compress_ours(name: str, ckpt: Path, data: str, target: str, epochs: int, tr
                  stages__distill__max_train_images=train_images or None, stages__distill__balance=balance,
                  stages__select_runtime__max_top1_drop=args.max_drop,
                  stages__select_runtime__max_macro_f1_drop=args.max_f1_drop,
-                 **({"stages__prune__latency_cost": args.latency_cost} if args.latency_cost else {}))
+                 **({"stages__prune__latency_cost": args.latency_cost} if args.latency_cost else {}), **plan)
     except DeployKitError as err:  # the chain missed its budget even after backing off: a result, not a crash
         return None, str(err)
     return Artifact.open(out), None
@@ -227,9 +234,11 @@ def markdown(res: dict) -> str:
         if "failed" in r:
             continue
         lines.append(f"- **{r['model']} / {r['balance']}**: target {r['target_latency']}, probe clock "
-                     f"{r['prune_latency'].get('clock') or 'auto'}, sweep cost "
-                     f"{r['prune_latency'].get('cost') or 'weight_mass'}, "
-                     f"MACs kept {r['macs_kept']:.2f}, per-block ratios "
+                     f"{r['prune_latency'].get('clock') or 'auto'}, "
+                     + ("pruning plan replayed from this bench's earlier run (`prune.plan`), "
+                        if r["prune_latency"].get("cost") == "plan" else
+                        f"sweep cost {r['prune_latency'].get('cost') or 'weight_mass'}, ")
+                     + f"MACs kept {r['macs_kept']:.2f}, per-block ratios "
                      f"{r['prune_latency']['unit_ratios']}; bs1 p50 peer {r['latency_ms']['bs1']['peer']['p50']:.3f}"
                      f" ms vs ours {r['latency_ms']['bs1']['ours']['p50']:.3f} ms, bs32 "
                      f"{r['latency_ms']['bs32']['peer']['p50']:.3f} vs {r['latency_ms']['bs32']['ours']['p50']:.3f}"

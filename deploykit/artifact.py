@@ -255,6 +255,8 @@ class Artifact:
             from .backends.batch_router import BatchRouter, route_settings
 
             routes = rt["by_batch"]
+            for r in routes.values():
+                self._warn_int8_saturation(r["backend"], r["precision"])
             return BatchRouter({int(bs): create_backend(r["backend"], self.model_path(r["model"]), threads=threads,
                                                         precision=r["precision"], **route_settings(r, routes))
                                 for bs, r in routes.items()})
@@ -262,7 +264,23 @@ class Artifact:
             name, chosen = self.default_backend()
         merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}
         merged.setdefault("precision", rt.get("precision", "fp32"))
+        self._warn_int8_saturation(name, merged["precision"])
         return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
+
+    def _warn_int8_saturation(self, backend: str, precision: str) -> None:
+        """Full-range INT8 weights (quantized on a VNNI CPU) lose accuracy in ONNX Runtime on a CPU without VNNI,
+        where its kernels saturate int16 (deploykit.stages.quantize_onnx.resolve_reduce_range): say so, once."""
+        from .environment import has_int8_vnni
+
+        quant = self.manifest.get("quantization") or {}
+        if backend == "onnxruntime" and precision == "int8" and quant.get("reduce_range") is False \
+                and not has_int8_vnni():
+            import warnings
+
+            warnings.warn(f"{self.path.name}: its ONNX Runtime INT8 weights use the full 8-bit range, measured on a "
+                          "CPU with VNNI; this CPU has none, so ONNX Runtime's INT8 kernels saturate and accuracy "
+                          "drops. Fix: re-run `deploykit compress` on this machine type (or set "
+                          "quantize_onnx.reduce_range: true)", RuntimeWarning, stacklevel=3)
 
     def verify(self, names: list[str] | None = None) -> list[str]:
         """Names of files (all, or ``names``) whose sha256 no longer matches the manifest (empty list = intact)."""
@@ -340,6 +358,8 @@ def build_manifest(checkpoint, loaded, state, final: Path, lineage: list, workdi
                     # timed batch size -> the variant serving it (Artifact.backend() routes batches by size)
                     **({"by_batch": {str(bs): asdict(r) for bs, r in state.runtime.by_batch.items()}}
                        if state.runtime.by_batch else {})},
+        # how the ONNX Runtime INT8 model was quantized: its weight range decides which CPUs run it accurately
+        **({"quantization": asdict(state.quantization)} if state.quantization is not None else {}),
         "files": files,
         "lineage": [{k: s[k] for k in ("name", "config", "seconds")} for s in lineage],
         "versions": versions(),

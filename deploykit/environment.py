@@ -65,6 +65,16 @@ def machine() -> dict:
             "cpu_flags": [f for f in CPU_FLAGS if f in flags], "os": platform.platform(terse=True)}
 
 
+# x86 flags whose INT8 dot product (VPDPBUSD, AMX TMUL) accumulates u8 x s8 products in int32. Without them ONNX
+# Runtime multiplies with VPMADDUBSW, which adds pairs of products in int16 and saturates with full-range weights.
+INT8_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_int8_vnni() -> bool:
+    """True when this CPU's INT8 kernels accumulate in int32 (VNNI/AMX): full-range 8-bit weights are safe."""
+    return bool(set(INT8_VNNI_FLAGS) & set(machine()["cpu_flags"]))
+
+
 def load_average() -> list[float] | None:
     """The 1/5/15-minute load averages (recorded next to timings: a busy machine explains noisy numbers)."""
     try:

@@ -161,6 +161,12 @@ def _latency_target_lines(lat: dict | None, backed_off: list | None) -> list[str
     if not lat:
         return lines
     met = "met" if lat.get("met") else "not met"
+    if lat.get("cost") == "plan":  # prune.plan: a recorded allocation replayed, no sweep to show
+        return lines + ["", f"## Pruned by a given plan, timed against {lat['target']} on {lat['runtime']}, batch "
+                            f"{lat['batch_size']}: {met}", "",
+                        f"Measured {lat['measured_ratio']:.3f}x of the unpruned {lat['unpruned_ms']:.3f} ms "
+                        f"({lat.get('clock', 'wall')} time per call). Ratios pruned: "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in lat["unit_ratios"].items()) + "."]
     lines += ["", f"## Pruned to a latency target ({lat['target']} on {lat['runtime']}, batch {lat['batch_size']}: "
                   f"{met})", "",
               f"Unpruned {lat['unpruned_ms']:.3f} ms ({lat.get('clock', 'wall')} time per call). Each trial pruned "

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,34 @@ def test_artifact_backend_reproduces_reported_accuracy(reference_artifact):
     logits = art.backend().run(art.preprocessing.from_uint8(test.images))
     top1 = float((logits.argmax(1) == test.labels).mean() * 100)
     assert top1 == pytest.approx(reference_artifact.report["models"]["compressed"]["top1"], abs=1e-6)
+
+
+def test_int8_weight_range_follows_the_cpu_and_is_warned_on_another(reference_artifact, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from deploykit import environment
+
+    art = Artifact.open(reference_artifact.path)
+    facts = reference_artifact.report["stage_facts"]["quantize_onnx"]
+    # reduce_range auto: 8-bit weights where the CPU's INT8 dot product accumulates in int32 (VNNI/AMX), 7-bit where
+    # ONNX Runtime's VPMADDUBSW would saturate int16; the manifest records what was used
+    seven_bit = not environment.has_int8_vnni()
+    assert facts["reduce_range"] is seven_bit and art.manifest["quantization"]["reduce_range"] is seven_bit
+    # the stored weights are exactly that: symmetric per-channel, each channel's largest weight maps to 63 or 127
+    graph = onnx.load(str(art.path / "model.int8.onnx")).graph
+    q = [np.abs(numpy_helper.to_array(t).astype(np.int32)) for t in graph.initializer
+         if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert q and max(int(w.max()) for w in q) == (64 if seven_bit else 127)
+    # serving full-range weights on a CPU without VNNI warns, in one line naming the fix
+    monkeypatch.setattr(environment, "has_int8_vnni", lambda: False)
+    art.manifest["quantization"]["reduce_range"] = False
+    with pytest.warns(RuntimeWarning, match=r"full 8-bit range.*re-run `deploykit compress` on this machine type"):
+        art.backend("onnxruntime", precision="int8")
+    art.manifest["quantization"]["reduce_range"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        art.backend("onnxruntime", precision="int8")
 
 
 def test_data_free_path_is_honest(tiny_ckpt, tmp_path):

@@ -165,6 +165,51 @@ def test_chain_budget_is_against_the_original_not_step_by_step():
     assert chain_budget_miss([f1_only], choose_runtime([f1_only])) == "macro-F1 drop 1.61 > 1.0 points"
 
 
+def test_a_recorded_plan_replays_the_same_pruned_model_and_is_timed_once(tmp_path):
+    """prune.plan: an earlier run's unit_ratios prune exactly so (bit-identical weights, hence the same distillation
+    cache key), with no sweep; a latency target still times the result; wrong plans fail in one line."""
+    from deploykit.preprocessing import Preprocessing
+    from deploykit.stages import STAGES, PipelineState, StageInputs
+
+    torch.manual_seed(0)
+    size = (1, 32, 32)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)).eval()
+    ref_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    x = np.random.default_rng(0).normal(size=(16, *size)).astype(np.float32)
+    plan = {"layer2": 0.5, "layer3": 0.25}
+
+    def state():
+        return PipelineState(model=model, teacher=model, workdir=tmp_path, log=lambda s: None,
+                             preprocessing=Preprocessing(input_size=size, mean=(0.5,), std=(0.5,)),
+                             inputs=StageInputs(calibration_fn=lambda: x, check_fn=lambda: x))
+
+    cfg = Prune.Config(plan=plan, target_latency="0.9x", latency_runtime="onnxruntime-fp32", latency_batch_size=4)
+    st = state()
+    facts = STAGES.get("prune")(cfg).run(st)
+    lat = facts["latency"]
+    assert facts["plan"] == plan and lat["cost"] == "plan" and lat["unit_ratios"] == plan and lat["sweep"] == []
+    assert lat["predicted_ratio"] is None and 0 < lat["measured_ratio"] < 3 and lat["met"] == (
+        lat["measured_ratio"] <= lat["target_ratio"] * 1.05)
+    twin = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)).eval()
+    twin.load_state_dict(ref_sd)
+    mods = dict(twin.named_modules())
+    _prune_once(twin, size, {mods[n]: r for n, r in plan.items()}, 8, [], "l2", False)
+    got, want = st.model.state_dict(), twin.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert st.model.layer2[0].conv1.out_channels == 16 and st.model.layer1[0].conv1.out_channels == 16
+    assert all(torch.equal(v, ref_sd[k]) for k, v in model.state_dict().items())   # the original is untouched
+    # wrong plans
+    with pytest.raises(RecipeError, match=r"prune.plan names 'layer9', not a prunable block.*Fix: .*layer1, "
+                                          r"layer2") as err:
+        STAGES.get("prune")(Prune.Config(plan={"layer9": 0.5})).run(state())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="a plan prunes by its own ratios: drop ratio"):
+        Prune.Config(plan=plan, ratio=0.3)
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\)"):
+        Prune.Config(plan={"layer2": 1.2})
+    assert Prune.Config(plan=plan).relaxed().plan == {"layer2": 0.25, "layer3": 0.125}
+
+
 def test_a_chain_that_misses_backs_off_then_fails_in_one_line(tmp_path):
     """The real pipeline on the Fashion-MNIST reference: 90% of channels pruned and 64 KD images cannot stay within
     0.5 points of the original; the chain re-runs once with half the pruning, misses again, and stops with one line

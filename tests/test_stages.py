@@ -110,6 +110,19 @@ def test_int8_qdq_per_channel_is_close_to_fp32(onnx_fp32, tmp_path, method):
     assert_margin_agreement(ref, got, min_decided=28, tol="per_input")
 
 
+def test_reduce_range_auto_follows_the_int8_dot_product(monkeypatch):
+    from deploykit import environment
+    from deploykit.stages.quantize_onnx import resolve_reduce_range
+
+    # another CPU's flags: the one thing here that cannot be the real machine
+    for flags, seven_bit in ((["avx2"], True), (["avx2", "avx512f", "avx512_vnni"], False), (["avx2", "avx_vnni"], False),
+                             (["avx2", "amx_tile", "amx_int8"], False)):
+        monkeypatch.setattr(environment, "machine", lambda f=flags: {"cpu_flags": f})
+        assert resolve_reduce_range("auto")[0] is seven_bit, flags
+        assert resolve_reduce_range(True) == (True, "set in the recipe")
+        assert resolve_reduce_range(False)[0] is False
+
+
 def test_fp16_cast_parity(onnx_fp32, tmp_path):
     from deploykit.stages.cast_onnx import cast_fp16
 

@@ -256,6 +256,13 @@ class Prune(Stage):
         back_off: int = Field(2, ge=0, description="times the whole chain re-runs when the final model misses the "
                                                    "accuracy budget against the original: with twice the KD epochs "
                                                    "or half the pruning (deploykit.back_off)")
+        # A measured plan replayed: the sweep's allocation is chosen on timings that drift 1.5x on a shared machine,
+        # so two runs with the same target prune different blocks. Given the ratios an earlier run recorded, the
+        # pruned model is the same, bit for bit, and a distillation cached for it resumes instead of re-training.
+        plan: dict[str, float] | None = Field(None, description="{block: fraction of channels to remove}, e.g. an "
+                                                                 "earlier report's prune.latency.unit_ratios: prune "
+                                                                 "exactly so, no sweep; with target_latency the "
+                                                                 "result is still timed against the target")
         importance: Literal["l2", "l1"] = "l2"
         global_pruning: bool = False
         ignore: list[str] = Field(default_factory=list, description="module names never pruned (head is always kept)")
@@ -265,7 +272,15 @@ class Prune(Stage):
             given = [k for k in ("ratio", "macs_reduction", "target_latency") if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"give one of ratio, macs_reduction, target_latency, not {' and '.join(given)}")
-            if not given:
+            if self.plan is not None:
+                if given and given != ["target_latency"]:
+                    raise ValueError(f"a plan prunes by its own ratios: drop {given[0]} (target_latency may stay, "
+                                     "to time the result)")
+                bad = {k: v for k, v in self.plan.items() if not 0 <= v < 1}
+                if bad or not self.plan:
+                    raise ValueError(f"plan ratios must be fractions in [0, 1) of a block's channels, got "
+                                     f"{bad or 'an empty plan'}")
+            elif not given:
                 self.macs_reduction = 0.5
             if self.target_latency is not None:
                 from ..prune_latency import LatencyTarget
@@ -285,9 +300,11 @@ class Prune(Stage):
                 t = LatencyTarget.parse(self.target_latency)
                 upd["target_latency"] = (f"{round((1 + t.relative) / 2, 4)}x" if t.relative is not None
                                          else f"{round(t.ms * 1.5, 4)}ms")
+            if self.plan is not None:
+                upd["plan"] = {k: round(v / 2, 4) for k, v in self.plan.items()}
             elif self.ratio is not None:
                 upd["ratio"] = self.ratio / 2
-            else:
+            elif self.macs_reduction is not None:
                 upd["macs_reduction"] = self.macs_reduction / 2
             return self.model_copy(update=upd)
 
@@ -304,7 +321,9 @@ class Prune(Stage):
         x = torch.from_numpy(state.check_inputs()[:8])
         arch = timm_arch(state.model) or type(state.model).__name__
         try:
-            if c.target_latency is not None:
+            if c.plan is not None:
+                model, facts = self._prune_by_plan(state)
+            elif c.target_latency is not None:
                 model, facts = self._prune_to_latency(state)
             else:
                 model, facts = prune_model(state.model, pre.input_size, ratio=c.ratio,
@@ -346,3 +365,37 @@ class Prune(Stage):
         return model, {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
                        "params_before": params0, "params_after": params1, "round_to": c.round_to,
                        "ignored": list(c.ignore), "latency": latency}
+
+    def _prune_by_plan(self, state: PipelineState):
+        """Prune a copy by ``plan`` ({block: ratio}); with a latency target, time it beside the unpruned model once."""
+        from ..prune_latency import LatencyProbe, LatencyTarget, prunable_units
+
+        c, size = self.config, state.preprocessing.input_size
+        model = copy.deepcopy(state.model)
+        units = [n for n, _ in prunable_units(model, classifier_modules(model))]
+        unknown = [n for n in c.plan if n not in units]
+        if unknown:
+            raise RecipeError(f"prune.plan names {', '.join(map(repr, unknown[:3]))}, not a prunable block of this "
+                              "model", fix=f"use the blocks an earlier report of this model lists under "
+                                           f"prune.latency.unit_ratios: {', '.join(units[:12])}")
+        macs0, params0 = count_macs_params(state.model, size)
+        modules = dict(model.named_modules())
+        _prune_once(model, size, {modules[n]: r for n, r in c.plan.items() if r > 0}, c.round_to, c.ignore,
+                    c.importance, c.global_pruning)
+        macs1, params1 = count_macs_params(model, size)
+        facts = {"ratio": None, "plan": dict(c.plan), "macs_before": macs0, "macs_after": macs1,
+                 "macs_kept": round(macs1 / macs0, 4), "params_before": params0, "params_after": params1,
+                 "round_to": c.round_to, "ignored": list(c.ignore), "latency": None}
+        if c.target_latency is not None:
+            probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs(),
+                                 clock=c.latency_clock)
+            got = probe.ratio(probe.build(model), probe.build(state.model))
+            target = LatencyTarget.parse(c.target_latency)
+            target_ratio = min(target.ratio(got["base_ms"]), 0.99)
+            facts["latency"] = {
+                "target": str(target), "target_ratio": round(target_ratio, 4), "runtime": probe.runtime,
+                "batch_size": probe.batch_size, "clock": probe.clock, "unpruned_ms": round(got["base_ms"], 4),
+                "predicted_ratio": None, "measured_ratio": round(got["ratio"], 4),
+                "met": got["ratio"] <= target_ratio * 1.05, "cost": "plan", "unit_ratios": dict(c.plan),
+                "trials": [], "sweep": []}
+        return model, facts

@@ -135,6 +135,17 @@ def quantize_onnx(src: Path, dst: Path, batches: Iterable[np.ndarray], *, method
     return dst
 
 
+def resolve_reduce_range(setting: "bool | str") -> tuple[bool, str]:
+    """(reduce_range to quantize with, why): ``auto`` follows this CPU's INT8 dot product (see Config.reduce_range)."""
+    from ..environment import has_int8_vnni
+
+    if setting != "auto":
+        return bool(setting), "set in the recipe"
+    if has_int8_vnni():
+        return False, "auto: this CPU has VNNI/AMX (int32 accumulation), so weights use the full 8-bit range"
+    return True, "auto: this CPU has no VNNI, so weights use 7 bits (ONNX Runtime's VPMADDUBSW saturates int16)"
+
+
 def count_qdq(path: Path) -> dict:
     import onnx
 
@@ -151,11 +162,13 @@ class QuantizeOnnx(Stage):
         method: Literal["minmax", "entropy", "percentile"] = "minmax"
         percentile: float = Field(99.999, gt=90, le=100)
         per_channel: bool = True
-        # 7-bit weights. ONNX Runtime's x86 U8S8 kernels accumulate pairs with VPMADDUBSW, which saturates
-        # int16 with full-range 8-bit weights. Measured on the reference model (10k test images): top-1
-        # agreement with FP32 96.9% without, 99.3% with (top-1 88.32% -> 89.26%, FP32 89.28%), and
-        # OpenVINO running the same QDQ graph agreed 99.45% — the loss was the kernel, not the scales.
-        reduce_range: bool = True
+        # auto: 7-bit weights on a CPU without VNNI, 8-bit on one with it (resolve_reduce_range). Without VNNI,
+        # ONNX Runtime's x86 U8S8 kernels add pairs of products with VPMADDUBSW, which saturates int16 with
+        # full-range weights: on the reference model (2-core AMD EPYC, AVX2) 7-bit weights raised top-1 agreement
+        # with FP32 from 96.9% to 99.3%. With VNNI/AMX the products accumulate in int32 and the 7th bit is only
+        # lost precision: on the pruned Lite0 (Intel Xeon AMX) 8-bit weights raised agreement from 95.8% to 98.8%
+        # and top-1 from 84.76% to 85.75% (FP32 85.56%). docs/decisions.md.
+        reduce_range: bool | Literal["auto"] = "auto"
         activation_type: Literal["uint8", "int8"] = "uint8"
         weight_type: Literal["int8", "uint8"] = "int8"
         format: Literal["qdq", "qoperator"] = "qdq"
@@ -181,8 +194,10 @@ class QuantizeOnnx(Stage):
         src = state.onnx_fp32_path or state.onnx_path
         model_type = c.model_type if c.model_type != "auto" else detect_model_type(src, state.model)
         op_types = resolve_op_types(model_type, c.op_types)
+        reduce_range, reduce_why = resolve_reduce_range(c.reduce_range)
         facts = {"file": dst.name, "calibration_images": int(len(calib)), "method": c.method,
-                 "per_channel": c.per_channel, "reduce_range": c.reduce_range, "activation_type": c.activation_type,
+                 "per_channel": c.per_channel, "reduce_range": reduce_range, "reduce_range_why": reduce_why,
+                 "activation_type": c.activation_type,
                  "weight_type": c.weight_type, "model_type": model_type,
                  "op_types": op_types or "all (ONNX Runtime default)"}
         x = state.check_inputs()
@@ -192,7 +207,7 @@ class QuantizeOnnx(Stage):
             quantize_onnx(state.onnx_path, dst, (calib[i:i + bs] for i in range(0, len(calib), bs)),
                           method=c.method, per_channel=c.per_channel, activation_type=c.activation_type,
                           weight_type=c.weight_type, quant_format=c.format, percentile=c.percentile,
-                          exclude_nodes=c.exclude_nodes, reduce_range=c.reduce_range, op_types=op_types)
+                          exclude_nodes=c.exclude_nodes, reduce_range=reduce_range, op_types=op_types)
             got = run(dst, "int8")  # the session select_runtime's onnxruntime-int8 candidate reuses
         except Exception as err:  # an ORT quantizer or kernel failure on an unusual graph
             if c.on_fidelity_failure == "error":
@@ -213,7 +228,7 @@ class QuantizeOnnx(Stage):
         state.add_model("int8-qdq", dst)
         state.quantization = QuantSettings(method=c.method, per_channel=c.per_channel,
                                            activation_type=c.activation_type, weight_type=c.weight_type,
-                                           reduce_range=c.reduce_range,
+                                           reduce_range=reduce_range,
                                            op_types=tuple(op_types) if op_types else None)
         state.runtime = RuntimeChoice("onnxruntime")
         return facts
