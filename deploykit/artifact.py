@@ -252,14 +252,12 @@ class Artifact:
         rt = self.runtime
         name, chosen = name or os.environ.get("DEPLOYKIT_BACKEND"), {}
         if not name and not settings and rt.get("by_batch"):
-            from .backends.batch_router import BatchRouter, route_settings
+            from .backends.batch_router import BatchRouter
 
-            routes = rt["by_batch"]
-            for r in routes.values():
+            for r in rt["by_batch"].values():
                 self._warn_int8_saturation(r["backend"], r["precision"])
-            return BatchRouter({int(bs): create_backend(r["backend"], self.model_path(r["model"]), threads=threads,
-                                                        precision=r["precision"], **route_settings(r, routes))
-                                for bs, r in routes.items()})
+            return BatchRouter.from_routes(rt["by_batch"], lambda r, s: create_backend(
+                r["backend"], self.model_path(r["model"]), threads=threads, precision=r["precision"], **s))
         if not name:
             name, chosen = self.default_backend()
         merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}

@@ -49,15 +49,18 @@ def compare_models(state, recipe, final: Path, console, notes: list[str]) -> dic
         state.runtime.backend, final, threads=ev.threads, precision=state.precision, **settings), final)
     routes = state.runtime.by_batch
     if routes:  # one runtime per batch size: each batch size is the variant routed to it (Artifact.backend())
+        from dataclasses import asdict
+
         from .backends.batch_router import BatchRouter, nearest_batch
 
         def route(bs: int) -> str:
             return routes[nearest_batch(routes, bs)].variant
 
-        keys["compressed"] = (route(recipe.data.batch_size), lambda: BatchRouter({
-            bs: cached.get(r.variant) or state.backend(r.backend, state.workdir / r.model, threads=ev.threads,
-                                                       precision=r.precision, **r.settings)
-            for bs, r in routes.items()}), final)
+        keys["compressed"] = (route(recipe.data.batch_size), lambda: BatchRouter.from_routes(
+            {bs: asdict(r) for bs, r in routes.items()},
+            lambda r, s: cached.get(r["variant"]) or state.backend(r["backend"], state.workdir / r["model"],
+                                                                   threads=ev.threads, precision=r["precision"], **s)),
+            final)
     names = {key: name for key, (name, _, _) in keys.items()}
 
     def timed_name(key: str, bs: int) -> str:

@@ -67,7 +67,11 @@ def test_one_record_per_number_selection_and_final_tables_agree(reference_artifa
     select = rep["stage_facts"]["select_runtime"]
     rows = {r["name"]: r for r in select["candidates"]}
     shipped, ref = rows[select["chosen"]], rows["onnxruntime-fp32"]
-    for key, row in (("compressed", shipped), ("onnx_fp32", ref)):
+    pairs = [("compressed", shipped), ("onnx_fp32", ref)]
+    if "onnx_fp32" not in rep["models"]:  # a float variant won the timing on a busy machine: no separate FP32 row
+        assert shipped["precision"] == "fp32"
+        pairs = pairs[:1]
+    for key, row in pairs:
         model = rep["models"][key]
         for bs in ("bs1", "bs32"):
             assert model["timing"][bs] == row["timing"][bs], (key, bs)

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,6 +58,12 @@ class BatchRouter(Backend):
         precisions = sorted({be.precision for be in self.routes.values()})
         super().__init__("+".join(precisions))
         self.threads = max(getattr(be, "threads", 1) or 1 for be in self.routes.values())
+
+    @classmethod
+    def from_routes(cls, routes: dict, load: Callable[[dict, dict], Backend]) -> "BatchRouter":
+        """The router over ``routes`` ({timed batch size: the manifest's route dict}); ``load(route, settings)``
+        opens one route's model with ``route_settings`` applied (Artifact.backend() and the report build it so)."""
+        return cls({int(bs): load(r, route_settings(r, routes)) for bs, r in routes.items()})
 
     def route(self, n: int) -> int:
         """The timed batch size whose runtime serves a batch of ``n`` (``nearest_batch``)."""
