@@ -255,29 +255,30 @@ class Artifact:
             from .backends.batch_router import BatchRouter
 
             for r in rt["by_batch"].values():
-                self._warn_int8_saturation(r["backend"], r["precision"])
+                self._warn_int8_saturation(r["model"], r["precision"])
             return BatchRouter.from_routes(rt["by_batch"], lambda r, s: create_backend(
                 r["backend"], self.model_path(r["model"]), threads=threads, precision=r["precision"], **s))
         if not name:
             name, chosen = self.default_backend()
         merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}
         merged.setdefault("precision", rt.get("precision", "fp32"))
-        self._warn_int8_saturation(name, merged["precision"])
+        self._warn_int8_saturation(rt.get("files", {}).get(name) or rt["model"], merged["precision"])
         return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
 
-    def _warn_int8_saturation(self, backend: str, precision: str) -> None:
-        """Full-range INT8 weights (quantized on a VNNI CPU) lose accuracy in ONNX Runtime on a CPU without VNNI,
-        where its kernels saturate int16 (deploykit.stages.quantize_onnx.resolve_reduce_range): say so, once."""
+    def _warn_int8_saturation(self, model: str, precision: str) -> None:
+        """Full-range INT8 weights (quantize_onnx on a VNNI CPU) lose accuracy on a CPU without VNNI, whose INT8
+        kernels add pairs of products in int16 and saturate (deploykit.stages.quantize_onnx.resolve_reduce_range;
+        NNCF's ``overflow_fix`` exists for the same reason in OpenVINO): say so in one line."""
         from .environment import has_int8_vnni
 
         quant = self.manifest.get("quantization") or {}
-        if backend == "onnxruntime" and precision == "int8" and quant.get("reduce_range") is False \
+        if precision == "int8" and model.endswith(".onnx") and quant.get("reduce_range") is False \
                 and not has_int8_vnni():
             import warnings
 
-            warnings.warn(f"{self.path.name}: its ONNX Runtime INT8 weights use the full 8-bit range, measured on a "
-                          "CPU with VNNI; this CPU has none, so ONNX Runtime's INT8 kernels saturate and accuracy "
-                          "drops. Fix: re-run `deploykit compress` on this machine type (or set "
+            warnings.warn(f"{self.path.name}: the weights of its INT8 model {model} use the full 8-bit range, chosen "
+                          "on a CPU with VNNI; this CPU has none, so its INT8 kernels saturate and accuracy drops. "
+                          "Fix: re-run `deploykit compress` on this machine type (or set "
                           "quantize_onnx.reduce_range: true)", RuntimeWarning, stacklevel=3)
 
     def verify(self, names: list[str] | None = None) -> list[str]:
