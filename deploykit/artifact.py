@@ -262,8 +262,9 @@ class Artifact:
             name, chosen = self.default_backend()
         merged = {**(rt.get("settings", {}) if name == rt["backend"] else {}), **chosen, **settings}
         merged.setdefault("precision", rt.get("precision", "fp32"))
-        self._warn_int8_saturation(rt.get("files", {}).get(name) or rt["model"], merged["precision"])
-        return create_backend(name, self.model_path(rt.get("files", {}).get(name)), threads=threads, **merged)
+        model = rt.get("files", {}).get(name) or rt["model"]
+        self._warn_int8_saturation(model, merged["precision"])
+        return create_backend(name, self.model_path(model), threads=threads, **merged)
 
     def _warn_int8_saturation(self, model: str, precision: str) -> None:
         """Full-range INT8 weights (quantize_onnx on a VNNI CPU) lose accuracy on a CPU without VNNI, whose INT8

@@ -127,12 +127,6 @@ def parse_batches(text: str | list[int]) -> list[int]:
     return sizes
 
 
-def _has_cpu_flag(*flags: str) -> bool:
-    from .environment import machine
-
-    return any(f in machine()["cpu_flags"] for f in flags)
-
-
 def _create(backend: str, model, threads: int | None = None, **settings):
     from .backends import create_backend
 
@@ -241,6 +235,8 @@ def discover_variants(artifact, backends=None, threads: int | None = None) -> tu
             variants += [module_variant(b) for b in sorted(on_module, key=lambda b: bool(b.settings))]
     quantized = _quantized_models(art)
     bf16_variants = _bf16_variants()
+    from .environment import has_cpu_flag
+
     # CPU backends that read ONNX files: the float export, every INT8 model they read, bf16 where offered
     for b in cpu:
         reads = BACKENDS.get(b.backend).reads
@@ -259,7 +255,7 @@ def discover_variants(artifact, backends=None, threads: int | None = None) -> tu
         if b.backend not in bf16_variants:
             where = ", ".join(sorted(bf16_variants)) or "no registered backend"
             skip(f"{b.name}/bf16", f"no bf16 variant is registered for {b.backend} (bf16 runs on {where})")
-        elif _has_cpu_flag("avx512_bf16", "amx_bf16"):
+        elif has_cpu_flag("avx512_bf16", "amx_bf16"):
             variants.append(file_variant(b, "bf16", fp32))
         else:
             skip(f"{b.name}/bf16", "this CPU has neither AVX512-BF16 nor AMX-BF16")

@@ -38,12 +38,12 @@ def installed_version(dist: str) -> str | None:
 
 
 def check_cpu() -> Check:
-    from .environment import CPU_FLAGS, machine
+    from .environment import CPU_FLAGS, has_int8_vnni, machine
 
     m = machine()
     flags = m["cpu_flags"]
     notes = []
-    if "avx512_vnni" in flags or "avx_vnni" in flags:
+    if has_int8_vnni():
         notes.append("VNNI: INT8 (ONNX Runtime U8S8 QDQ, OpenVINO) is fast")
     else:
         notes.append("no VNNI: INT8 runs on plain AVX2/AVX-512 integer kernels, smaller gains than with VNNI")

@@ -70,9 +70,14 @@ def machine() -> dict:
 INT8_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def has_cpu_flag(*flags: str) -> bool:
+    """True when this CPU reports any of ``flags`` (names as in CPU_FLAGS)."""
+    return bool(set(flags) & set(machine()["cpu_flags"]))
+
+
 def has_int8_vnni() -> bool:
     """True when this CPU's INT8 kernels accumulate in int32 (VNNI/AMX): full-range 8-bit weights are safe."""
-    return bool(set(INT8_VNNI_FLAGS) & set(machine()["cpu_flags"]))
+    return has_cpu_flag(*INT8_VNNI_FLAGS)
 
 
 def load_average() -> list[float] | None:

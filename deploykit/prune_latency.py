@@ -226,9 +226,25 @@ class Allocation:
         return self.at_scale(hi)
 
 
+# A target counts as met up to this fraction above it (the search stops there; a replayed plan is judged so too).
+TOLERANCE = 0.05
+
+
+def timed_plan(model, pruned, target: LatencyTarget, probe: LatencyProbe, ratios: dict[str, float]) -> dict:
+    """Latency facts of ``pruned`` (``model`` pruned by a given plan, ``prune.plan``): one pair timed on ``probe``,
+    no sweep and no prediction; the same keys as ``prune_to_latency``'s facts."""
+    got = probe.ratio(probe.build(pruned), probe.build(model))
+    target_ratio = min(target.ratio(got["base_ms"]), 0.99)
+    return {"target": str(target), "target_ratio": round(target_ratio, 4), "runtime": probe.runtime,
+            "batch_size": probe.batch_size, "clock": probe.clock, "unpruned_ms": round(got["base_ms"], 4),
+            "predicted_ratio": None, "measured_ratio": round(got["ratio"], 4),
+            "met": got["ratio"] <= target_ratio * (1 + TOLERANCE), "cost": "plan", "unit_ratios": dict(ratios),
+            "trials": [], "sweep": []}
+
+
 def prune_to_latency(model, input_size: tuple[int, int, int], target: LatencyTarget, probe: LatencyProbe, *,
                      prune_fn: Callable, probe_ratio: float = 0.5, max_ratio: float = 0.8,
-                     tolerance: float = 0.05, max_trials: int = 4, cost_fn: Callable | None = None,
+                     tolerance: float = TOLERANCE, max_trials: int = 4, cost_fn: Callable | None = None,
                      log: Callable[[str], None] = lambda s: None):
     """Prune a copy of ``model`` to ``target`` latency on ``probe``'s runtime; returns (pruned copy, facts).
 

@@ -84,6 +84,6 @@ def synthesize_from_bn(model, input_size: tuple[int, int, int], n: int = 32, ste
 
 def native_bf16() -> bool:
     """Does this CPU compute BF16 natively (AMX or AVX512-BF16), so BF16 autocast is faster, not emulated?"""
-    from ..environment import machine
+    from ..environment import has_cpu_flag
 
-    return bool({"amx_bf16", "avx512_bf16"} & set(machine()["cpu_flags"]))
+    return has_cpu_flag("amx_bf16", "avx512_bf16")

@@ -359,16 +359,12 @@ class Prune(Stage):
         """Latency-targeted pruning (``deploykit.prune_latency``) with this stage's pruner settings."""
         c, size = self.config, state.preprocessing.input_size
         check_prunable(state.model)
-        macs0, params0 = count_macs_params(state.model, size)
         model, latency = prune_to_latency_target(state.model, size, state.calibration_inputs(), c, log=state.log)
-        macs1, params1 = count_macs_params(model, size)
-        return model, {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
-                       "params_before": params0, "params_after": params1, "round_to": c.round_to,
-                       "ignored": list(c.ignore), "latency": latency}
+        return model, self._size_facts(state.model, model, size, latency)
 
     def _prune_by_plan(self, state: PipelineState):
         """Prune a copy by ``plan`` ({block: ratio}); with a latency target, time it beside the unpruned model once."""
-        from ..prune_latency import LatencyProbe, LatencyTarget, prunable_units
+        from ..prune_latency import LatencyProbe, LatencyTarget, prunable_units, timed_plan
 
         c, size = self.config, state.preprocessing.input_size
         model = copy.deepcopy(state.model)
@@ -378,24 +374,21 @@ class Prune(Stage):
             raise RecipeError(f"prune.plan names {', '.join(map(repr, unknown[:3]))}, not a prunable block of this "
                               "model", fix=f"use the blocks an earlier report of this model lists under "
                                            f"prune.latency.unit_ratios: {', '.join(units[:12])}")
-        macs0, params0 = count_macs_params(state.model, size)
         modules = dict(model.named_modules())
         _prune_once(model, size, {modules[n]: r for n, r in c.plan.items() if r > 0}, c.round_to, c.ignore,
                     c.importance, c.global_pruning)
-        macs1, params1 = count_macs_params(model, size)
-        facts = {"ratio": None, "plan": dict(c.plan), "macs_before": macs0, "macs_after": macs1,
-                 "macs_kept": round(macs1 / macs0, 4), "params_before": params0, "params_after": params1,
-                 "round_to": c.round_to, "ignored": list(c.ignore), "latency": None}
+        latency = None
         if c.target_latency is not None:
             probe = LatencyProbe(c.latency_runtime, size, c.latency_batch_size, state.calibration_inputs(),
                                  clock=c.latency_clock)
-            got = probe.ratio(probe.build(model), probe.build(state.model))
-            target = LatencyTarget.parse(c.target_latency)
-            target_ratio = min(target.ratio(got["base_ms"]), 0.99)
-            facts["latency"] = {
-                "target": str(target), "target_ratio": round(target_ratio, 4), "runtime": probe.runtime,
-                "batch_size": probe.batch_size, "clock": probe.clock, "unpruned_ms": round(got["base_ms"], 4),
-                "predicted_ratio": None, "measured_ratio": round(got["ratio"], 4),
-                "met": got["ratio"] <= target_ratio * 1.05, "cost": "plan", "unit_ratios": dict(c.plan),
-                "trials": [], "sweep": []}
-        return model, facts
+            latency = timed_plan(state.model, model, LatencyTarget.parse(c.target_latency), probe, c.plan)
+        return model, {**self._size_facts(state.model, model, size, latency), "plan": dict(c.plan)}
+
+    def _size_facts(self, before, after, size: tuple[int, int, int], latency: dict | None) -> dict:
+        """MACs and parameters before/after and the pruner settings (the latency-driven and plan paths)."""
+        c = self.config
+        macs0, params0 = count_macs_params(before, size)
+        macs1, params1 = count_macs_params(after, size)
+        return {"ratio": None, "macs_before": macs0, "macs_after": macs1, "macs_kept": round(macs1 / macs0, 4),
+                "params_before": params0, "params_after": params1, "round_to": c.round_to,
+                "ignored": list(c.ignore), "latency": latency}
